@@ -1,0 +1,218 @@
+"""The `fleetform` command line: one entry point, a sub-command per job.
+
+Sub-commands import what they need when they run, so `fleetform plan` does not pay for the
+engine or the HTTP stack. User errors (a bad spec, a bad flag value) print one message to stderr
+and exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one message, exit status 2."""
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from runtime.catalog import default_catalog
+    from runtime.costmodel import Workload
+    from runtime.plan import build_report, builtin_models, render
+    from runtime.spec import load_stack_file
+
+    catalog = default_catalog()
+    spec = load_stack_file(args.stack, catalog=catalog) if args.stack else None
+    known = {m.name: m for m in spec.models} if spec else builtin_models()
+    if args.model:
+        missing = [name for name in args.model if name not in known]
+        if missing:
+            raise UsageError(
+                f"--model: unknown model {', '.join(missing)} (known: {', '.join(sorted(known))})"
+            )
+        models = [known[name] for name in args.model]
+    elif spec is not None:
+        models = list(spec.models)
+    else:
+        raise UsageError(
+            "give a stack file or --model (e.g. fleetform plan --model llama-3-1-8b --slo 800/60)"
+        )
+    if args.rate is not None and args.rate <= 0:
+        raise UsageError("--rate must be a positive number of requests per second")
+    try:
+        workload = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+        report = build_report(
+            catalog=catalog,
+            spec=spec,
+            stack=args.stack,
+            models=models,
+            slo_text=args.slo,
+            workload=workload,
+            rate_rps=args.rate,
+            clouds=args.cloud,
+            regions=None if args.all_regions else args.region,
+            limit=args.limit,
+            market=args.market,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report, Console(width=args.width) if args.width else Console())
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from runtime.spec import FleetSpec, stack_file_json_schema
+
+    schema = stack_file_json_schema() if args.stack_file else FleetSpec.model_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from runtime.spec import FleetSpecError, load_stack_file
+
+    failed = 0
+    for path in args.stacks:
+        try:
+            spec = load_stack_file(path)
+        except FleetSpecError as error:
+            print(str(error), file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{path}: ok ({len(spec.pools)} pools, {len(spec.tenants)} tenants)")
+    return 1 if failed else 0
+
+
+def _lazy(module: str, function: str) -> Handler:
+    """A handler that imports its module only when the sub-command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), function)(args))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetform",
+        description="Inference orchestrator as infrastructure as code.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    plan = commands.add_parser(
+        "plan",
+        help="right-size instances: cost, speed and the Pareto frontier; the fleet's cost",
+        description="Feasible (cloud, region, instance, spot/on-demand) options with USD/hour, "
+        "tokens/s, USD per million output tokens and SLO headroom, the Pareto frontier of cost "
+        "vs latency, and the declared fleet's hourly and monthly cost per pool and tenant.",
+    )
+    plan.add_argument("stack", nargs="?", help="stack file (e.g. stacks/Pulumi.prod.yaml)")
+    plan.add_argument(
+        "--model",
+        action="append",
+        help="model name (repeatable); without a stack, a built-in model",
+    )
+    plan.add_argument(
+        "--slo",
+        help="SLO class of the stack, or TTFT_MS/TPOT_MS such as 800/60 (default: the stack's most important class)",
+    )
+    plan.add_argument("--rate", type=float, help="requests per second to size a fleet for")
+    plan.add_argument(
+        "--prompt-tokens",
+        type=float,
+        default=1020.0,
+        help="mean prompt length (default 1020: Azure conversation trace median)",
+    )
+    plan.add_argument(
+        "--output-tokens", type=float, default=129.0, help="mean output length (default 129)"
+    )
+    plan.add_argument(
+        "--cloud",
+        action="append",
+        choices=["aws", "gcp", "azure"],
+        help="only these clouds (repeatable)",
+    )
+    plan.add_argument(
+        "--region",
+        action="append",
+        help="only these regions (repeatable; default with a stack: the stack's regions)",
+    )
+    plan.add_argument(
+        "--all-regions", action="store_true", help="consider every region of the catalog"
+    )
+    plan.add_argument(
+        "--market",
+        choices=["any", "spot", "on-demand"],
+        default="any",
+        help="capacity market (classes that are not spot-eligible get on-demand only)",
+    )
+    plan.add_argument(
+        "--limit", type=int, default=15, help="rows per model besides the Pareto frontier (0: all)"
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
+    plan.set_defaults(handler=_plan)
+
+    schema = commands.add_parser("schema", help="print the fleet spec's JSON Schema")
+    schema.add_argument(
+        "--stack-file",
+        action="store_true",
+        help="schema of a whole stack file (config: fleetform:fleet: ...)",
+    )
+    schema.set_defaults(handler=_schema)
+
+    validate = commands.add_parser("validate", help="validate stack files")
+    validate.add_argument("stacks", nargs="+", metavar="STACK")
+    validate.set_defaults(handler=_validate)
+
+    _add_engine_commands(commands)
+    return parser
+
+
+def _add_engine_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        from runtime.engine import commands as engine_commands
+    except ImportError:  # the engine is optional for planning-only installs
+        return
+    generate = commands.add_parser("generate", help="complete a prompt with the embedded model")
+    engine_commands.configure_generate_parser(generate)
+    generate.set_defaults(handler=engine_commands.generate_main)
+
+    bench = commands.add_parser("bench", help="benchmarks that print figures")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    engine = benches.add_parser("engine", help="embedded engine throughput and latency")
+    engine_commands.configure_bench_engine_parser(engine)
+    engine.set_defaults(handler=engine_commands.bench_engine_main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.catalog import CatalogLookupError
+    from runtime.spec import FleetSpecError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (FleetSpecError, UsageError, CatalogLookupError) as error:
+        print(f"fleetform {args.command}: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `fleetform plan | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
