@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from runtime.catalog import (  # noqa: E402
+    CLOUDS,
     GCP_ACCELERATOR_TYPES,
     GCP_FIXED_ACCELERATORS,
     GCP_N1_MAX_VCPUS,
@@ -39,18 +40,8 @@ from runtime.catalog import (  # noqa: E402
     Catalog,
 )
 
-CLOUDS = ("aws", "gcp", "azure")
-RAW_COLUMNS = (
-    "InstanceType",
-    "AcceleratorName",
-    "AcceleratorCount",
-    "vCPUs",
-    "MemoryGiB",
-    "Price",
-    "SpotPrice",
-    "Region",
-    "AvailabilityZone",
-)
+# The raw files have one row per availability zone; the packaged ones merge zones into `Zones`.
+RAW_COLUMNS = (*PRICE_COLUMNS[:-1], "AvailabilityZone")
 SPECS_FILE = "accelerator_specs.csv"
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "runtime" / "data"

@@ -221,6 +221,7 @@ hardware = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.parametrize("resource", ["bandwidth", "tflops"])
 @settings(max_examples=60, deadline=None)
 @given(
     hw=hardware,
@@ -228,20 +229,18 @@ hardware = st.fixed_dictionaries(
     batch=st.integers(1, 256),
     context=st.integers(1, 8192),
 )
-def test_more_bandwidth_is_never_slower(
-    hw: dict[str, float], factor: float, batch: int, context: int
+def test_more_bandwidth_or_compute_is_never_slower(
+    resource: str, hw: dict[str, float], factor: float, batch: int, context: int
 ) -> None:
-    slow = replica(gpu(**hw))
-    fast = replica(gpu(**{**hw, "bandwidth": hw["bandwidth"] * factor}))
+    slow_record = gpu(**hw)
+    fast_record = gpu(**{**hw, resource: hw[resource] * factor})
+    slow, fast = replica(slow_record), replica(fast_record)
     assert fast.decode_step_s(batch, context) <= slow.decode_step_s(batch, context)
     assert fast.prefill_s(context) <= slow.prefill_s(context)
     workload, slo = Workload(), Slo(ttft_s=2.0, tpot_s=0.1)
-    slow_option = evaluate(
-        LLAMA_8B, BF16_8B, gpu(**hw), workload=workload, slo=slo, spot=False, perf=PERF
-    )
-    fast_record = gpu(**{**hw, "bandwidth": hw["bandwidth"] * factor})
-    fast_option = evaluate(
-        LLAMA_8B, BF16_8B, fast_record, workload=workload, slo=slo, spot=False, perf=PERF
+    slow_option, fast_option = (
+        evaluate(LLAMA_8B, BF16_8B, record, workload=workload, slo=slo, spot=False, perf=PERF)
+        for record in (slow_record, fast_record)
     )
     if slow_option is not None:
         assert fast_option is not None
@@ -250,22 +249,6 @@ def test_more_bandwidth_is_never_slower(
             fast_option.usd_per_million_output_tokens
             <= slow_option.usd_per_million_output_tokens * (1 + 1e-9)
         )
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    hw=hardware,
-    factor=st.floats(1.0, 10.0),
-    batch=st.integers(1, 256),
-    context=st.integers(1, 8192),
-)
-def test_more_compute_is_never_slower(
-    hw: dict[str, float], factor: float, batch: int, context: int
-) -> None:
-    slow = replica(gpu(**hw))
-    fast = replica(gpu(**{**hw, "tflops": hw["tflops"] * factor}))
-    assert fast.decode_step_s(batch, context) <= slow.decode_step_s(batch, context)
-    assert fast.prefill_s(context) <= slow.prefill_s(context)
 
 
 @settings(max_examples=40, deadline=None)
