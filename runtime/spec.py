@@ -22,12 +22,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
@@ -139,10 +139,7 @@ class ModelSpec(_Strict):
         return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_bytes_per_value
 
     def variant(self, name: str) -> VariantSpec:
-        for variant in self.variants:
-            if variant.name == name:
-                return variant
-        raise KeyError(name)
+        return _by_name(self.variants, name, f"variant of model {self.name!r}")
 
     def weight_bytes(self, variant: VariantSpec) -> float:
         if variant.weight_bytes is not None:
@@ -246,8 +243,20 @@ class PoolSpec(_Strict):
 # Tenants and SLO classes
 
 _KEY_REF = re.compile(
-    r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|config:[A-Za-z0-9_.:-]+|sha256:[0-9a-f]{64})$"
+    r"env:[A-Za-z_][A-Za-z0-9_]*|file:.+|config:[A-Za-z0-9_.:-]+|sha256:[0-9a-f]{64}"
 )
+
+
+def _key_reference(value: str) -> str:
+    if not _KEY_REF.fullmatch(value):
+        raise ValueError(
+            "not a key reference; plain-text keys are not allowed: "
+            "use env:VAR, file:/path, config:NAME or sha256:<64 hex digits>"
+        )
+    return value
+
+
+KeyReference = Annotated[str, AfterValidator(_key_reference)]
 
 
 class QuotaSpec(_Strict):
@@ -264,7 +273,7 @@ class TenantSpec(_Strict):
     """An application team: who it is (key references), what it may use and how much."""
 
     name: Name
-    api_keys: list[str] = Field(
+    api_keys: list[KeyReference] = Field(
         min_length=1,
         description="Key references, never keys: 'env:VAR', 'file:/path', 'config:NAME' "
         "(a Pulumi secret) or 'sha256:<hex digest>'.",
@@ -281,17 +290,6 @@ class TenantSpec(_Strict):
     quotas: QuotaSpec = Field(default_factory=QuotaSpec)
     allowed_models: list[Name] | None = Field(default=None, description="None: every model.")
     allowed_pools: list[Name] | None = Field(default=None, description="None: every pool.")
-
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_are_references(cls, keys: list[str]) -> list[str]:
-        for index, key in enumerate(keys):
-            if not _KEY_REF.match(key):
-                raise ValueError(
-                    f"api_keys[{index}] is not a key reference; plain-text keys are not allowed: "
-                    "use env:VAR, file:/path, config:NAME or sha256:<64 hex digits>"
-                )
-        return keys
 
 
 class SloClassSpec(_Strict):
@@ -367,7 +365,9 @@ class FleetSpec(_Strict):
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> FleetSpec:
         context = info.context if isinstance(info.context, Mapping) else {}
-        catalog = context.get("catalog") or default_catalog()
+        catalog = context.get("catalog")
+        if catalog is None:
+            catalog = default_catalog()
         issues = cross_check(self, catalog)
         if issues:
             raise FleetSpecError(issues)
@@ -487,7 +487,14 @@ def _issues_from_validation_error(error: ValidationError, prefix: str = "") -> l
             message = "required field is missing"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
-        if detail["type"] not in ("missing", "extra_forbidden") and "input" in detail:
+        # Inputs are echoed to help find the bad value, but never under api_keys: a value that
+        # is not a key reference may be a real key pasted in by mistake.
+        secret = "api_keys" in detail["loc"]
+        if (
+            detail["type"] not in ("missing", "extra_forbidden")
+            and "input" in detail
+            and not secret
+        ):
             shown = repr(detail["input"])
             if len(shown) <= 60 and not isinstance(detail["input"], dict | list):
                 message = f"{message} (got {shown})"
@@ -739,7 +746,8 @@ def parse_fleet(data: Any, source: str | None = None, catalog: Catalog | None = 
             [Issue("", f"a fleet spec must be a mapping, not {type(data).__name__}")], source
         )
     try:
-        return FleetSpec.model_validate(data, context={"catalog": catalog} if catalog else None)
+        context = {"catalog": catalog} if catalog is not None else None
+        return FleetSpec.model_validate(data, context=context)
     except ValidationError as error:
         raise FleetSpecError(_issues_from_validation_error(error), source) from None
     except FleetSpecError as error:
@@ -755,9 +763,7 @@ def fleet_from_stack_config(
         raise FleetSpecError(
             [Issue(f"config.{FLEET_CONFIG_KEY}", "required key is missing")], source
         )
-    raw = config[FLEET_CONFIG_KEY]
-    if isinstance(raw, str):  # `pulumi config get` hands back JSON text for structured values
-        raw = yaml.safe_load(raw)
+    raw = _structured(config[FLEET_CONFIG_KEY], f"config.{FLEET_CONFIG_KEY}", source)
     try:
         spec = parse_fleet(raw, catalog=catalog)
     except FleetSpecError as error:
@@ -766,9 +772,8 @@ def fleet_from_stack_config(
         ]
         raise FleetSpecError(prefixed, source) from None
     replicas = config.get(REPLICAS_CONFIG_KEY)
-    if replicas:
-        if isinstance(replicas, str):
-            replicas = yaml.safe_load(replicas)
+    if replicas is not None:
+        replicas = _structured(replicas, f"config.{REPLICAS_CONFIG_KEY}", source)
         if not isinstance(replicas, Mapping):
             raise FleetSpecError(
                 [Issue(f"config.{REPLICAS_CONFIG_KEY}", "must map pool names to replica counts")],
@@ -783,6 +788,30 @@ def fleet_from_stack_config(
     return spec
 
 
+def _structured(value: Any, path: str, source: str | None) -> Any:
+    """A config value as data: `pulumi config get` hands back JSON text for structured values."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise FleetSpecError([Issue(path, _yaml_problem(error))], source) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line saying what is wrong with a YAML document and where."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}: "
+        problem = getattr(error, "problem", None) or "syntax error"
+    elif isinstance(error, yaml.reader.ReaderError):
+        where = f"character {error.position + 1}: "
+        problem = f"unacceptable character {error.character!r}: {error.reason}"
+    else:
+        where, problem = "", str(error).splitlines()[0]
+    return f"invalid YAML: {where}{problem}"
+
+
 def load_stack_file(path: str | Path, catalog: Catalog | None = None) -> FleetSpec:
     """Read a Pulumi stack config file (`config:` -> `fleetform:fleet:` -> the spec)."""
     path = Path(path)
@@ -791,15 +820,16 @@ def load_stack_file(path: str | Path, catalog: Catalog | None = None) -> FleetSp
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FleetSpecError([Issue("", "file not found")], source) from None
+    except UnicodeDecodeError as error:
+        raise FleetSpecError(
+            [Issue("", f"not UTF-8 text (byte {error.start + 1} cannot be decoded)")], source
+        ) from None
     except OSError as error:
         raise FleetSpecError([Issue("", f"cannot read: {error.strerror}")], source) from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise FleetSpecError([Issue("", f"invalid YAML: {where}{problem}")], source) from None
+        raise FleetSpecError([Issue("", _yaml_problem(error))], source) from None
     if not isinstance(document, Mapping) or not isinstance(document.get("config"), Mapping):
         raise FleetSpecError(
             [
