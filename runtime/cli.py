@@ -181,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from runtime.engine import commands as engine_commands
-    except ImportError:  # the engine is optional for planning-only installs
+    import importlib.util
+
+    # Absent until the engine lands; once present, its import errors must surface, not vanish.
+    if importlib.util.find_spec("runtime.engine") is None or (
+        importlib.util.find_spec("runtime.engine.commands") is None
+    ):
         return
+    from runtime.engine import commands as engine_commands
+
     generate = commands.add_parser("generate", help="complete a prompt with the embedded model")
     engine_commands.configure_generate_parser(generate)
     generate.set_defaults(handler=engine_commands.generate_main)
