@@ -415,7 +415,7 @@ class NumpyEngine(Engine):
                 q = rot[:, :nh]
                 k_cache = kv.keys[li]
                 v_cache = kv.values[li]
-                k_cache[:, :, slots] = rot[:, nh:].transpose(1, 2, 0)
+                k_cache[:, slots, :] = rot[:, nh:].transpose(1, 0, 2)
                 v_cache[:, slots, :] = qkv[:, qd + kd :].reshape(total, nkv, hd).transpose(1, 0, 2)
 
                 if dec is not None:
@@ -463,13 +463,15 @@ class NumpyEngine(Engine):
         matmul = np.matmul
         for b, start, length, off in dec.single:
             matmul(
-                qg[b], k_cache[:, :, start : start + length], out=scores[:, :, off : off + length]
+                qg[b],
+                k_cache[:, start : start + length].transpose(0, 2, 1),
+                out=scores[:, :, off : off + length],
             )
         for b in dec.multi:
             for start, length, off in dec.runs[b]:
                 matmul(
                     qg[b],
-                    k_cache[:, :, start : start + length],
+                    k_cache[:, start : start + length].transpose(0, 2, 1),
                     out=scores[:, :, off : off + length],
                 )
         # Segmented softmax over each sequence's span of the flat score buffer; the division by
@@ -505,10 +507,12 @@ class NumpyEngine(Engine):
         )
         if len(pf.runs) == 1:
             start, length = pf.runs[0]
-            keys = k_cache[:, :, start : start + length]
+            keys = k_cache[:, start : start + length].transpose(0, 2, 1)
             values = v_cache[:, start : start + length]
         else:
-            keys = np.concatenate([k_cache[:, :, a : a + n_] for a, n_ in pf.runs], axis=2)
+            keys = np.concatenate([k_cache[:, a : a + n_] for a, n_ in pf.runs], axis=1).transpose(
+                0, 2, 1
+            )
             values = np.concatenate([v_cache[:, a : a + n_] for a, n_ in pf.runs], axis=1)
         sc = qs @ keys
         sc += pf.mask
