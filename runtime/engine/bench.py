@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.costmodel import CpuAssumption
 from runtime.engine.base import SamplingParams, SeqInput, StepInput
 from runtime.engine.commands import usage_error
 from runtime.engine.core import CompletionOutput, EngineCore
@@ -348,6 +349,47 @@ def run_decode_only(
     }
 
 
+def run_prefill_only(engine: NumpyEngine, chunk: int, repeats: int = 5) -> dict[str, float]:
+    """Prefill throughput of one ``chunk``-token prompt chunk (compute-bound), median of repeats."""
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    tokens = list(range(1000, 1000 + chunk))
+    times = []
+    for i in range(repeats + 1):
+        sid = f"__prefill_{i}"
+        if not engine.kv.reserve(sid, chunk):
+            raise RuntimeError("KV cache too small for the prefill measurement")
+        try:
+            t0 = time.perf_counter()
+            engine.step(StepInput([SeqInput(sid, tokens, 0, False, params)]))
+            if i:  # the first run warms up
+                times.append(time.perf_counter() - t0)
+        finally:
+            engine.free(sid)
+    med = float(np.median(times))
+    return {"chunk_tokens": chunk, "ms_median": round(med * 1e3, 2), "tok_s": round(chunk / med, 1)}
+
+
+def cpu_calibration(report: dict[str, Any]) -> CpuAssumption:
+    """Per-vCPU bandwidth and FLOPS for :mod:`runtime.costmodel`, from this run's measurements.
+
+    Single-stream decode reads every weight once per step (plus a little KV); prefill of a full
+    chunk does ``2 x parameters`` FLOPs per token. Parameters are float32 weights / 4 bytes.
+    """
+    single = next((r for r in report.get("decode_only", []) if r["streams"] == 1), None)
+    if single is None or "prefill" not in report:
+        raise ValueError("calibration needs the 1-stream decode-only and the prefill measurements")
+    weights = report["engine"]["weights_bytes"]
+    kv_per_token = report["engine"]["kv_cache_bytes"] / report["engine"]["kv_cache_tokens"]
+    return CpuAssumption.from_measurement(
+        vcpus=report["system"]["cpus"],
+        decode_tokens_per_s=single["tok_s_median"],
+        bytes_per_decode_step=weights + kv_per_token * single["context"],
+        prefill_tokens_per_s=report["prefill"]["tok_s"],
+        flops_per_token=2 * weights / 4,
+        source=f"fleetform bench engine, {report['model']}, {report['system'].get('blas')}",
+    )
+
+
 def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     """Run the whole benchmark and return the report as a JSON-able dict."""
 
@@ -411,6 +453,8 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         gc.collect()
 
     if cfg.decode_only:
+        say("prefill-only ...")
+        report["prefill"] = run_prefill_only(engine, cfg.max_num_batched_tokens)
         report["decode_only"] = []
         for s in cfg.streams:
             say(f"decode-only, {s} streams ...")
@@ -509,6 +553,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--no-modes", action="store_true", help="skip the sequential/static/continuous comparison"
     )
     p.add_argument("--no-decode-only", action="store_true", help="skip the decode-only measurement")
+    p.add_argument(
+        "--calibration-out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the CPU bandwidth/FLOPS this run implies for the cost model "
+        "(use it with FLEETFORM_CPU_CALIBRATION=PATH fleetform plan ...)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -536,6 +588,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         report = run_bench(cfg, progress)
     except (ModelNotFoundError, ValueError) as exc:
         return usage_error(str(exc))
+    if args.calibration_out is not None:
+        try:
+            cpu_calibration(report).save(args.calibration_out)
+        except (ValueError, OSError) as exc:
+            return usage_error(f"--calibration-out: {exc}")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
