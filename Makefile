@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.test-installed
 .PHONY: run test lint format install install-test clean
 
 run: $(RUNTIME_STAMP)
-	$(BIN)/fleetform plan stacks/Pulumi.prod.yaml
+	$(BIN)/fleetform up stacks/local.yaml
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check .

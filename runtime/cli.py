@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     _add_engine_commands(commands)
+    _add_agent_command(commands)
+    _add_controller_commands(commands)
     return parser
 
 
@@ -199,6 +201,46 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:  # type:
     engine = benches.add_parser("engine", help="embedded engine throughput and latency")
     engine_commands.configure_bench_engine_parser(engine)
     engine.set_defaults(handler=engine_commands.bench_engine_main)
+
+
+def _add_agent_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # runtime.agent.main imports only the standard library at module level; aiohttp and the
+    # engine load when the command runs.
+    from runtime.agent import main as agent_commands
+
+    agent = commands.add_parser(
+        "agent",
+        help="run a node agent: OpenAI-compatible HTTP inference",
+        description="Serve the node's model over OpenAI-compatible HTTP with tenant quotas, "
+        "priority classes and metrics, until SIGTERM (or POST /admin/drain) drains it.",
+    )
+    agent_commands.configure_parser(agent)
+    agent.set_defaults(handler=agent_commands.agent_main)
+
+
+def _add_controller_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # Both modules import only the standard library at module level.
+    from runtime.controller import main as controller_commands
+    from runtime.controller import up as up_commands
+
+    controller = commands.add_parser(
+        "controller",
+        help="run the fleet controller: fleet view, quota leases, usage ledger",
+        description="Receive agents' metrics pushes, keep the fleet view and the SQLite usage "
+        "ledger, and hand out fleet-wide quota leases. Tokens come from FLEETFORM_FLEET_TOKEN "
+        "and FLEETFORM_ADMIN_TOKEN.",
+    )
+    controller_commands.configure_parser(controller)
+    controller.set_defaults(handler=controller_commands.main)
+
+    up = commands.add_parser(
+        "up",
+        help="run a local fleet (controller + agents) until Ctrl-C",
+        description="Start the controller and the local pools' agents with the embedded model, "
+        "print OPENAI_BASE_URL / OPENAI_API_KEY lines, and drain and stop everything on Ctrl-C.",
+    )
+    up_commands.configure_parser(up)
+    up.set_defaults(handler=up_commands.up_main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,15 @@
+"""The runtime agent: the HTTP service every Fleetform node runs.
+
+Modules:
+
+* :mod:`~runtime.agent.app` - the aiohttp application (``init(config) -> web.Application``).
+* :mod:`~runtime.agent.config` - :class:`NodeConfig` and :func:`node_config_from_spec`.
+* :mod:`~runtime.agent.schemas`, :mod:`~runtime.agent.openapi` - API shapes, OpenAPI document.
+* :mod:`~runtime.agent.admission` - priority classes and overload shedding (pure).
+* :mod:`~runtime.agent.backend` - the serving-backend seam and the embedded-engine backend.
+* :mod:`~runtime.agent.auth`, :mod:`~runtime.agent.errors`, :mod:`~runtime.agent.metrics`.
+* :mod:`~runtime.agent.main` - ``fleetform agent``.
+
+Tenant quotas live in :mod:`runtime.quota` (a policy shared with the simulator).
+Importing this package is cheap; submodules pull in aiohttp and the engine when imported.
+"""

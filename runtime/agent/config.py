@@ -1,0 +1,353 @@
+"""The node config: everything one agent needs, and how it is derived from the fleet spec.
+
+This module owns :class:`NodeConfig` (pydantic v2, loaded from a JSON file by
+``fleetform agent --config node.json``) and :func:`node_config_from_spec`, which cuts one node's
+share out of a :class:`runtime.spec.FleetSpec`: its pool's model and price, the tenants with their
+key references resolved to SHA-256 digests, and the SLO classes.
+
+A node config never holds an API key, only ``sha256`` hex digests of keys. The fleet (admin)
+token, needed in clear to authenticate to the controller and to check ``POST /admin/drain``, is
+read at startup from the environment variable named by ``fleet_token_env``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runtime.spec import FleetSpec, Name, QuotaSpec, SloClassSpec
+
+__all__ = [
+    "EngineSettings",
+    "NodeConfig",
+    "NodeConfigError",
+    "TenantConfig",
+    "hash_api_key",
+    "load_node_config",
+    "node_config_from_spec",
+    "resolve_key_reference",
+]
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest")]
+BUILTIN_SOURCE_PREFIX = "builtin:"
+
+
+class NodeConfigError(ValueError):
+    """A node config that cannot be loaded or derived; ``str()`` is one line saying why."""
+
+
+def hash_api_key(key: str) -> str:
+    """The digest a node config stores for ``key``."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSettings(_Strict):
+    """How the embedded engine is sized."""
+
+    kind: Literal["embedded"] = "embedded"
+    model_path: str | None = Field(
+        default=None, description="GGUF file; default: the bundled SmolLM2-135M model."
+    )
+    kv_cache_tokens: int = Field(default=16384, ge=16, description="Tokens the KV pool holds.")
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=256, ge=1)
+    max_model_len: int | None = Field(
+        default=None, ge=2, description="Longest prompt + output; default from the model."
+    )
+    seed: int | None = Field(default=None, ge=0, description="Seed of unseeded sampling.")
+
+
+class AdmissionSettings(_Strict):
+    """Overload shedding knobs (see runtime.agent.admission)."""
+
+    max_waiting_requests: int = Field(default=1024, ge=1)
+    throughput_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
+    prior_prefill_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="Assumed prefill speed until the first measurement."
+    )
+    prior_decode_step_s: float | None = Field(
+        default=None, gt=0, description="Assumed decode step time until the first measurement."
+    )
+
+
+class TenantConfig(_Strict):
+    """A tenant as one agent enforces it."""
+
+    name: Name
+    key_sha256: list[Sha256Hex] = Field(min_length=1)
+    default_priority: Name
+    max_priority: Name | None = None
+    quotas: QuotaSpec = Field(default_factory=QuotaSpec)
+    allowed_models: list[Name] | None = None
+    allowed_pools: list[Name] | None = None
+
+    def may_use_model(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    def may_use_pool(self, pool: str) -> bool:
+        return self.allowed_pools is None or pool in self.allowed_pools
+
+
+class NodeConfig(_Strict):
+    """Everything one agent process needs."""
+
+    node_id: str = Field(min_length=1, max_length=200)
+    pool: Name
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: Name = Field(description="Model name clients send and /v1/models lists.")
+    variant: Name
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    price_usd_per_hour: float = Field(ge=0, description="What the node costs, for attribution.")
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    slo_classes: list[SloClassSpec] = Field(min_length=1)
+    controller_url: str | None = Field(default=None, pattern=r"^https?://")
+    fleet_token_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the fleet token (controller push, admin "
+        "routes). Unset: admin routes are disabled; SIGTERM still drains.",
+    )
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    default_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="max_tokens of chat requests that give none (completions default to 16 "
+        "as in OpenAI's API); always capped by the context left after the prompt.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> NodeConfig:
+        problems: list[str] = []
+        classes = {c.name: c for c in self.slo_classes}
+        if len(classes) != len(self.slo_classes):
+            problems.append("slo_classes: duplicate class names")
+        if len({c.priority for c in self.slo_classes}) != len(self.slo_classes):
+            problems.append("slo_classes: two classes share a priority")
+        seen_tenants: set[str] = set()
+        key_owner: dict[str, str] = {}
+        for i, tenant in enumerate(self.tenants):
+            where = f"tenants[{i}]"
+            if tenant.name in seen_tenants:
+                problems.append(f"{where}.name: duplicate tenant {tenant.name!r}")
+            seen_tenants.add(tenant.name)
+            for field_name in ("default_priority", "max_priority"):
+                value = getattr(tenant, field_name)
+                if value is not None and value not in classes:
+                    problems.append(f"{where}.{field_name}: no SLO class {value!r}")
+            if tenant.default_priority in classes and tenant.max_priority in classes:
+                default = classes[tenant.default_priority]
+                ceiling = classes[tenant.max_priority]
+                if default.priority < ceiling.priority:
+                    problems.append(
+                        f"{where}.default_priority: {default.name!r} is more important than "
+                        f"max_priority {ceiling.name!r}"
+                    )
+            for digest in tenant.key_sha256:
+                owner = key_owner.setdefault(digest, tenant.name)
+                if owner != tenant.name:
+                    problems.append(
+                        f"{where}.key_sha256: a key of tenant {tenant.name!r} is also a key of "
+                        f"tenant {owner!r}"
+                    )
+        if self.engine.max_model_len is not None and (
+            self.engine.max_model_len > self.engine.kv_cache_tokens
+        ):
+            problems.append("engine.max_model_len: exceeds engine.kv_cache_tokens")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def slo_class(self, name: str) -> SloClassSpec:
+        for slo in self.slo_classes:
+            if slo.name == name:
+                return slo
+        raise KeyError(name)
+
+    def fleet_token(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The fleet token from the environment, or ``None`` when not configured or empty."""
+        if self.fleet_token_env is None:
+            return None
+        value = (environ if environ is not None else os.environ).get(self.fleet_token_env, "")
+        return value or None
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {message}" if item["loc"] else message)
+    extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{source}: {problems[0]}{extra}"
+
+
+def parse_node_config(data: Any, source: str = "node config") -> NodeConfig:
+    """Validate plain data as a :class:`NodeConfig`; raise :class:`NodeConfigError`."""
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as error:
+        raise NodeConfigError(_one_line(error, source)) from None
+
+
+def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """Read a node config JSON file; any problem is one :class:`NodeConfigError` line."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NodeConfigError(f"{source}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise NodeConfigError(f"{source}: cannot read: {error}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise NodeConfigError(f"{source}: invalid JSON: {error}") from None
+    return parse_node_config(data, source)
+
+
+# --------------------------------------------------------------------------------------------
+# From the fleet spec
+
+
+def resolve_key_reference(
+    tenant: str, reference: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """The SHA-256 digest of the key a tenant's key reference points at.
+
+    ``env:VAR`` reads the environment, ``file:/path`` the file (surrounding whitespace
+    stripped), ``sha256:<hex>`` is the digest already. ``config:NAME`` is a Pulumi secret that
+    only the Pulumi program can read, so it is an error here.
+    """
+    environ = environ if environ is not None else os.environ
+    scheme, _, rest = reference.partition(":")
+    where = f"tenant {tenant!r}: api key reference {reference!r}"
+    if scheme == "sha256":
+        if len(rest) != 64 or any(c not in "0123456789abcdef" for c in rest):
+            raise NodeConfigError(f"{where}: not 64 lower-case hex digits")
+        return rest
+    if scheme == "env":
+        value = environ.get(rest, "")
+        if not value:
+            raise NodeConfigError(f"{where}: environment variable {rest} is not set")
+        return hash_api_key(value)
+    if scheme == "file":
+        try:
+            value = Path(rest).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise NodeConfigError(f"{where}: cannot read the file: {error}") from None
+        if not value:
+            raise NodeConfigError(f"{where}: the file is empty")
+        return hash_api_key(value)
+    if scheme == "config":
+        raise NodeConfigError(
+            f"{where}: a Pulumi config secret can only be read by the Pulumi program; resolve it "
+            "there (or use env:/file:/sha256: references) before building a node config"
+        )
+    raise NodeConfigError(f"{where}: unknown scheme {scheme!r}")
+
+
+def node_config_from_spec(
+    spec: FleetSpec,
+    pool_name: str,
+    node_id: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    spot: bool | None = None,
+    engine: EngineSettings | None = None,
+    environ: Mapping[str, str] | None = None,
+    catalog: Any = None,
+    **overrides: Any,
+) -> NodeConfig:
+    """One node's config for a pool of ``spec``.
+
+    ``spot`` chooses the price (default: the pool's market; an on-demand base replica of a spot
+    pool passes ``False``). ``engine`` overrides the engine sizing derived from the model.
+    ``overrides`` set other :class:`NodeConfig` fields (e.g. ``controller_url``,
+    ``fleet_token_env``, ``drain_timeout_s``). Raises :class:`NodeConfigError`.
+    """
+    from runtime.catalog import CatalogLookupError, default_catalog
+
+    try:
+        pool = spec.pool(pool_name)
+    except KeyError as error:
+        known = ", ".join(p.name for p in spec.pools)
+        raise NodeConfigError(f"{error.args[0]} (known: {known})") from None
+    if pool.engine != "embedded":
+        raise NodeConfigError(
+            f"pool {pool.name!r}: engine {pool.engine!r} is not supported by the agent yet "
+            "(only 'embedded')"
+        )
+    model, variant = spec.pool_variant(pool)
+
+    catalog = catalog if catalog is not None else default_catalog()
+    ref = pool.price_ref
+    try:
+        record = catalog.get(ref.cloud, ref.region, ref.instance_type)
+    except CatalogLookupError as error:
+        raise NodeConfigError(f"pool {pool.name!r}: {error}") from None
+    use_spot = pool.spot if spot is None else spot
+    price = record.spot_usd_per_hour if use_spot else record.on_demand_usd_per_hour
+    if price is None:
+        market = "spot" if use_spot else "on-demand"
+        raise NodeConfigError(
+            f"pool {pool.name!r}: {ref.instance_type} in {ref.region} has no {market} price"
+        )
+
+    if engine is None:
+        model_path = None
+        if variant.source and not variant.source.startswith(BUILTIN_SOURCE_PREFIX):
+            model_path = variant.source
+        kv_tokens = EngineSettings.model_fields["kv_cache_tokens"].default
+        engine = EngineSettings(
+            model_path=model_path,
+            kv_cache_tokens=kv_tokens,
+            max_model_len=min(model.context_length, kv_tokens),
+        )
+
+    tenants = []
+    for tenant in spec.tenants:
+        # Tenants not allowed here stay in, so that their keys get 403 (forbidden), not 401.
+        tenants.append(
+            TenantConfig(
+                name=tenant.name,
+                key_sha256=[
+                    resolve_key_reference(tenant.name, r, environ) for r in tenant.api_keys
+                ],
+                default_priority=tenant.default_priority,
+                max_priority=tenant.max_priority,
+                quotas=tenant.quotas,
+                allowed_models=tenant.allowed_models,
+                allowed_pools=tenant.allowed_pools,
+            )
+        )
+    data: dict[str, Any] = {
+        "node_id": node_id,
+        "pool": pool.name,
+        "host": host,
+        "port": port,
+        "model": model.name,
+        "variant": variant.name,
+        "engine": engine,
+        "price_usd_per_hour": price,
+        "tenants": tenants,
+        "slo_classes": list(spec.slo_classes),
+    }
+    data.update(overrides)
+    try:
+        return NodeConfig(**data)
+    except ValidationError as error:
+        raise NodeConfigError(_one_line(error, f"node config for pool {pool.name!r}")) from None

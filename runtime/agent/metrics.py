@@ -1,0 +1,199 @@
+"""Prometheus metrics and per-tenant usage of one agent.
+
+This module owns what the agent measures. Every :class:`AgentMetrics` has its own
+:class:`prometheus_client.CollectorRegistry` (not the process-global one), so several agents can
+live in one process (tests, the simulator) without their series colliding.
+
+Series (all prefixed ``fleetform_``):
+
+* histograms per SLO class: ``ttft_seconds``, ``inter_token_latency_seconds``,
+  ``request_duration_seconds`` (end to end), ``queue_time_seconds``;
+* counters per tenant: ``prompt_tokens_total``, ``completion_tokens_total``, ``requests_total``
+  (also by class and finish reason), ``accelerator_seconds_total``, ``cost_usd_total``;
+* counters by reason: ``rejected_requests_total`` (auth, forbidden, not_found, bad_request,
+  quota_<limit>, overload, queue_full, draining, loading) and ``shed_requests_total`` (overload
+  shedding per class);
+* gauges read at scrape time: ``queue_depth`` (waiting), ``running_sequences``,
+  ``in_flight_requests``, ``kv_cache_used_bytes``, ``kv_cache_usage_ratio``, ``ready``,
+  ``draining``, ``prefill_tokens_per_second``, ``decode_step_seconds``.
+
+:class:`UsageLedger` keeps the same per-tenant totals as plain numbers for ``GET /v1/usage``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from runtime.agent.backend import BackendStats
+
+__all__ = ["AgentMetrics", "TenantUsage", "UsageLedger"]
+
+# From tens of milliseconds (a GPU) to minutes (a queued CPU batch job).
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class AgentMetrics:
+    """The agent's Prometheus series in a registry of its own."""
+
+    def __init__(self, node_id: str, pool: str, model: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge(
+            "fleetform_agent_info",
+            "Constant 1, labelled with what this agent is.",
+            ["node_id", "pool", "model"],
+            registry=r,
+        )
+        self.info.labels(node_id, pool, model).set(1)
+        self.ttft = Histogram(
+            "fleetform_ttft_seconds",
+            "Time from request arrival to its first generated token.",
+            ["slo_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "fleetform_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            ["slo_class"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "fleetform_request_duration_seconds",
+            "Time from request arrival to its last token (end to end).",
+            ["slo_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "fleetform_queue_time_seconds",
+            "Time from request arrival to its first engine step.",
+            ["slo_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "fleetform_prompt_tokens", "Prompt tokens processed.", ["tenant"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "fleetform_completion_tokens", "Tokens generated.", ["tenant"], registry=r
+        )
+        self.requests = Counter(
+            "fleetform_requests",
+            "Requests that ran on the engine, by how they ended.",
+            ["tenant", "slo_class", "finish_reason"],
+            registry=r,
+        )
+        self.accelerator_seconds = Counter(
+            "fleetform_accelerator_seconds",
+            "Engine step time attributed to the tenant's requests.",
+            ["tenant"],
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            "fleetform_cost_usd",
+            "Cost of the tenant's requests: attributed accelerator seconds x node price.",
+            ["tenant"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "fleetform_rejected_requests",
+            "Requests refused before reaching the engine, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "fleetform_shed_requests",
+            "Sheddable requests refused because the node could not meet their TTFT objective.",
+            ["slo_class"],
+            registry=r,
+        )
+
+    def bind_gauges(
+        self,
+        stats: Callable[[], BackendStats],
+        in_flight: Callable[[], int],
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+    ) -> None:
+        """Gauges computed at scrape time from the live state."""
+
+        def gauge(name: str, doc: str, read: Callable[[], float | None]) -> None:
+            g = Gauge(name, doc, registry=self.registry)
+            g.set_function(lambda: float("nan") if (v := read()) is None else float(v))
+
+        gauge("fleetform_queue_depth", "Requests waiting for the engine.", lambda: stats().waiting)
+        gauge(
+            "fleetform_running_sequences",
+            "Sequences in the running batch.",
+            lambda: stats().running,
+        )
+        gauge("fleetform_in_flight_requests", "Requests admitted and not finished.", in_flight)
+        gauge(
+            "fleetform_kv_cache_used_bytes",
+            "KV cache bytes in use.",
+            lambda: stats().kv_used_bytes,
+        )
+        gauge(
+            "fleetform_kv_cache_capacity_bytes",
+            "KV cache bytes in total.",
+            lambda: stats().kv_capacity_bytes,
+        )
+        gauge(
+            "fleetform_kv_cache_usage_ratio",
+            "Fraction of the KV cache in use.",
+            lambda: stats().kv_usage,
+        )
+        gauge("fleetform_ready", "1 when serving, else 0.", lambda: float(ready()))
+        gauge("fleetform_draining", "1 while draining, else 0.", lambda: float(draining()))
+        gauge(
+            "fleetform_prefill_tokens_per_second",
+            "Measured prefill speed (EWMA), used to predict queue wait.",
+            lambda: stats().prefill_tokens_per_s,
+        )
+        gauge(
+            "fleetform_decode_step_seconds",
+            "Measured decode step time (EWMA).",
+            lambda: stats().decode_step_s,
+        )
+
+
+@dataclass
+class TenantUsage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    accelerator_seconds: float = 0.0
+    usd: float = 0.0
+
+
+@dataclass
+class UsageLedger:
+    """Per-tenant totals since the agent started."""
+
+    started_at: float = field(default_factory=time.time)
+    tenants: dict[str, TenantUsage] = field(default_factory=dict)
+
+    def record(
+        self,
+        tenant: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        accelerator_seconds: float,
+        usd: float,
+    ) -> None:
+        usage = self.tenants.setdefault(tenant, TenantUsage())
+        usage.requests += 1
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        usage.accelerator_seconds += accelerator_seconds
+        usage.usd += usd
+
+    def of(self, tenant: str) -> TenantUsage:
+        return self.tenants.get(tenant, TenantUsage())

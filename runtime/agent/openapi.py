@@ -1,0 +1,289 @@
+"""The agent's OpenAPI 3.1 document, derived from the pydantic models in runtime.agent.schemas.
+
+This module owns ``GET /openapi.json`` and its checked-in copy ``runtime/agent/openapi.json``
+(for readers, client generators and API review). Regenerate the copy after changing a route or a
+schema, and check it in CI::
+
+    python -m runtime.agent.openapi           # rewrite runtime/agent/openapi.json
+    python -m runtime.agent.openapi --check   # exit 1 if the file is stale
+
+The test suite fails when the served document and the file differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from runtime.agent import schemas
+
+__all__ = ["OPENAPI_PATH", "build_openapi", "render_openapi"]
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+API_VERSION = "1.0.0"
+REF = "#/components/schemas/{model}"
+
+
+class _Components:
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+
+    def ref(self, model: type[BaseModel], mode: str = "serialization") -> dict[str, str]:
+        schema = model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+        for name, definition in schema.pop("$defs", {}).items():
+            self.schemas.setdefault(name, definition)
+        self.schemas[model.__name__] = schema
+        return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(components: _Components, *statuses: int) -> dict[str, Any]:
+    error = components.ref(schemas.ErrorResponse)
+    descriptions = {
+        400: "Invalid request: malformed JSON, a wrong type or value (``param`` names it), an "
+        "unsupported parameter, or a prompt too long for the context.",
+        401: "Missing or invalid API key.",
+        403: "The tenant may not use this model or pool.",
+        404: "Unknown model.",
+        413: "Request body larger than the node's limit.",
+        429: "A tenant quota is exceeded (the message names it); see Retry-After.",
+        500: "Unexpected server error (details are in the server log only).",
+        503: "Model loading, node draining, or overloaded (sheddable request refused); see "
+        "Retry-After.",
+    }
+    out: dict[str, Any] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"description": descriptions[status], "content": _json(error)}
+        if status in (429, 503):
+            entry["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer"},
+                }
+            }
+        out[str(status)] = entry
+    return out
+
+
+def _completion_operation(
+    components: _Components,
+    summary: str,
+    request: type[BaseModel],
+    response: type[BaseModel],
+    chunk: type[BaseModel],
+    operation_id: str,
+) -> dict[str, Any]:
+    chunk_ref = components.ref(chunk)
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": [
+            {
+                "name": "X-Priority",
+                "in": "header",
+                "required": False,
+                "description": "SLO class name; defaults to the tenant's. A class more important "
+                "than the tenant's max_priority is capped to it; the class used is returned in "
+                "X-Fleetform-Priority.",
+                "schema": {"type": "string"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": _json(components.ref(request, mode="validation")),
+        },
+        "responses": {
+            "200": {
+                "description": "The completion; with ``stream: true`` a text/event-stream of "
+                "``data: <chunk JSON>`` events ending with ``data: [DONE]``.",
+                "headers": {
+                    "X-Fleetform-Priority": {
+                        "description": "SLO class the request ran in.",
+                        "schema": {"type": "string"},
+                    },
+                    "X-Request-Id": {"schema": {"type": "string"}},
+                },
+                "content": {
+                    **_json(components.ref(response)),
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "string",
+                            "description": f"Server-sent events, each carrying a "
+                            f"{chunk.__name__} ({chunk_ref['$ref']}).",
+                        }
+                    },
+                },
+            },
+            **_errors(components, 400, 401, 403, 404, 413, 429, 500, 503),
+        },
+    }
+
+
+@functools.cache
+def _build() -> str:
+    c = _Components()
+    text_plain = {"text/plain": {"schema": {"type": "string"}}}
+    health = c.ref(schemas.HealthStatus)
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {
+            "post": _completion_operation(
+                c,
+                "Chat completion (OpenAI-compatible)",
+                schemas.ChatCompletionRequest,
+                schemas.ChatCompletion,
+                schemas.ChatCompletionChunk,
+                "createChatCompletion",
+            )
+        },
+        "/v1/completions": {
+            "post": _completion_operation(
+                c,
+                "Text completion (OpenAI-compatible)",
+                schemas.CompletionRequest,
+                schemas.Completion,
+                schemas.CompletionChunk,
+                "createCompletion",
+            )
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "summary": "Models this node serves that the caller may use",
+                "responses": {
+                    "200": {
+                        "description": "Model list",
+                        "content": _json(c.ref(schemas.ModelList)),
+                    },
+                    **_errors(c, 401, 500),
+                },
+            }
+        },
+        "/v1/usage": {
+            "get": {
+                "operationId": "getUsage",
+                "summary": "The calling tenant's usage and quota state on this node",
+                "responses": {
+                    "200": {"description": "Usage", "content": _json(c.ref(schemas.UsageReport))},
+                    **_errors(c, 401, 500),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness: the process answers",
+                "security": [],
+                "responses": {"200": {"description": "Alive", "content": _json(health)}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness: model loaded and not draining",
+                "security": [],
+                "responses": {
+                    "200": {"description": "Ready", "content": _json(health)},
+                    "503": {"description": "Loading, draining or failed", "content": _json(health)},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {"200": {"description": "Exposition format", "content": text_plain}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}
+                },
+            }
+        },
+        "/admin/drain": {
+            "post": {
+                "operationId": "drain",
+                "summary": "Start draining (e.g. on a spot interruption notice); needs the fleet "
+                "token",
+                "requestBody": {
+                    "required": False,
+                    "content": _json(c.ref(schemas.DrainRequest, mode="validation")),
+                },
+                "responses": {
+                    "202": {
+                        "description": "Draining",
+                        "content": _json(c.ref(schemas.DrainStatus)),
+                    },
+                    **_errors(c, 400, 401, 403, 413, 500),
+                },
+            }
+        },
+    }
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Fleetform agent",
+            "version": API_VERSION,
+            "description": "OpenAI-compatible inference on one Fleetform node, with tenant "
+            "quotas, priority classes, overload shedding, usage and metrics.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(c.schemas.items())),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A tenant API key (the fleet token for /admin routes).",
+                }
+            },
+        },
+    }
+    return json.dumps(document, indent=2, sort_keys=False) + "\n"
+
+
+def render_openapi() -> str:
+    """The document as the text of ``openapi.json``."""
+    return _build()
+
+
+def build_openapi() -> dict[str, Any]:
+    """The document as a (fresh) dict."""
+    return json.loads(_build())  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate runtime/agent/openapi.json")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    args = parser.parse_args(argv)
+    text = render_openapi()
+    current = OPENAPI_PATH.read_text(encoding="utf-8") if OPENAPI_PATH.exists() else ""
+    if args.check:
+        if current != text:
+            print(f"{OPENAPI_PATH} is stale: run python -m runtime.agent.openapi", file=sys.stderr)
+            return 1
+        return 0
+    if current != text:
+        OPENAPI_PATH.write_text(text, encoding="utf-8")
+        print(f"wrote {OPENAPI_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""runtime.agent.config: NodeConfig validation and cutting a node's config out of the fleet spec."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runtime.agent.config import (
+    NodeConfig,
+    NodeConfigError,
+    hash_api_key,
+    load_node_config,
+    node_config_from_spec,
+    parse_node_config,
+)
+from runtime.catalog import default_catalog
+from runtime.spec import FLEET_CONFIG_KEY, FleetSpec, parse_fleet
+
+from .support import node_config_data
+
+LOCAL_STACK = Path(__file__).resolve().parents[2] / "stacks" / "local.yaml"
+ENV = {"FLEETFORM_DEMO_KEY": "demo-secret", "FLEETFORM_BATCH_KEY": "batch-secret"}
+
+
+def local_fleet() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load(LOCAL_STACK.read_text())["config"][FLEET_CONFIG_KEY])
+
+
+def spec(mutate: Any = None) -> FleetSpec:
+    data = local_fleet()
+    if mutate is not None:
+        mutate(data)
+    return parse_fleet(data)
+
+
+def test_node_config_from_the_local_stack() -> None:
+    config = node_config_from_spec(spec(), "local-dear", "node-7", 8123, environ=ENV)
+    assert (config.node_id, config.pool, config.port, config.host) == (
+        "node-7",
+        "local-dear",
+        8123,
+        "127.0.0.1",
+    )
+    assert (config.model, config.variant) == ("smollm2-135m", "q4-1")
+    assert config.engine.model_path is None  # builtin: the bundled model
+    assert config.engine.max_model_len == 2048  # the model's context length
+    record = default_catalog().get("aws", "us-east-1", "g6.xlarge")
+    assert config.price_usd_per_hour == record.on_demand_usd_per_hour
+    demo = next(t for t in config.tenants if t.name == "demo")
+    assert demo.key_sha256 == [hashlib.sha256(b"demo-secret").hexdigest()]
+    assert (demo.default_priority, demo.max_priority) == ("standard", "critical")
+    assert demo.quotas.tokens_per_minute == 120000
+    assert [c.name for c in config.slo_classes] == ["critical", "standard", "batch"]
+    # Nothing secret is in the config: only digests.
+    assert "demo-secret" not in config.model_dump_json()
+    # It round-trips through JSON, as `--print-config > node.json` then `--config` does.
+    assert NodeConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_key_reference_kinds(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("  file-secret\n")
+    digest = "ab" * 32
+
+    def keys(data: dict[str, Any]) -> None:
+        data["tenants"][0]["api_keys"] = [
+            "env:FLEETFORM_DEMO_KEY",
+            f"file:{key_file}",
+            f"sha256:{digest}",
+        ]
+
+    config = node_config_from_spec(spec(keys), "local-cheap", "n", 0, environ=ENV)
+    assert config.tenants[0].key_sha256 == [
+        hash_api_key("demo-secret"),
+        hash_api_key("file-secret"),  # stripped
+        digest,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (
+            "env:FLEETFORM_UNSET_KEY",
+            "tenant 'demo': api key reference 'env:FLEETFORM_UNSET_KEY': environment variable FLEETFORM_UNSET_KEY is not set",
+        ),
+        (
+            "file:/nonexistent/key",
+            "tenant 'demo': api key reference 'file:/nonexistent/key': cannot read the file",
+        ),
+        ("config:demoKey", "a Pulumi config secret can only be read by the Pulumi program"),
+    ],
+)
+def test_unresolvable_key_references_name_tenant_and_reference(
+    reference: str, message: str
+) -> None:
+    def keys(data: dict[str, Any]) -> None:
+        data["tenants"][0]["api_keys"] = [reference]
+
+    with pytest.raises(NodeConfigError) as caught:
+        node_config_from_spec(spec(keys), "local-cheap", "n", 0, environ=ENV)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_spot_pools_are_priced_at_the_spot_price() -> None:
+    def make_spot(data: dict[str, Any]) -> None:
+        data["pools"][0]["spot"] = True
+
+    fleet = spec(make_spot)
+    record = default_catalog().get("aws", "us-east-1", "m7g.large")
+    assert record.spot_usd_per_hour is not None
+    spot = node_config_from_spec(fleet, "local-cheap", "n", 0, environ=ENV)
+    assert spot.price_usd_per_hour == record.spot_usd_per_hour
+    base = node_config_from_spec(fleet, "local-cheap", "n", 0, environ=ENV, spot=False)
+    assert base.price_usd_per_hour == record.on_demand_usd_per_hour
+
+
+def test_unknown_pool_and_unsupported_engine() -> None:
+    with pytest.raises(
+        NodeConfigError, match="no pool named 'nope' \\(known: local-cheap, local-dear\\)"
+    ):
+        node_config_from_spec(spec(), "nope", "n", 0, environ=ENV)
+
+    def upstream(data: dict[str, Any]) -> None:
+        data["pools"][0]["engine"] = "openai-upstream"
+        data["pools"][0]["upstream"] = {"url": "http://127.0.0.1:9/v1", "model": "m"}
+
+    with pytest.raises(NodeConfigError, match="engine 'openai-upstream' is not supported"):
+        node_config_from_spec(spec(upstream), "local-cheap", "n", 0, environ=ENV)
+
+
+def test_overrides_reach_the_node_config() -> None:
+    config = node_config_from_spec(
+        spec(), "local-cheap", "n", 0, environ=ENV, drain_timeout_s=5, fleet_token_env="FLEET_TOKEN"
+    )
+    assert (config.drain_timeout_s, config.fleet_token_env) == (5, "FLEET_TOKEN")
+    assert config.fleet_token({"FLEET_TOKEN": "t"}) == "t"
+    assert config.fleet_token({}) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"port": 70000}, "port: Input should be less than or equal to 65535"),
+        (
+            {"tenants": [{"name": "a", "key_sha256": ["0" * 64], "default_priority": "gold"}]},
+            "no SLO class 'gold'",
+        ),
+        (
+            {
+                "tenants": [
+                    {
+                        "name": "a",
+                        "key_sha256": ["0" * 64],
+                        "default_priority": "critical",
+                        "max_priority": "batch",
+                    }
+                ]
+            },
+            "'critical' is more important than max_priority 'batch'",
+        ),
+        (
+            {
+                "tenants": [
+                    {"name": "a", "key_sha256": ["0" * 64], "default_priority": "standard"},
+                    {"name": "b", "key_sha256": ["0" * 64], "default_priority": "standard"},
+                ]
+            },
+            "a key of tenant 'b' is also a key of tenant 'a'",
+        ),
+        (
+            {"engine": {"kv_cache_tokens": 1024, "max_model_len": 2048}},
+            "exceeds engine.kv_cache_tokens",
+        ),
+        ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_node_configs_are_one_line_errors(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(NodeConfigError) as caught:
+        parse_node_config(node_config_data(**change), "node.json")
+    text = str(caught.value)
+    assert text.startswith("node.json: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_load_node_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps(node_config_data()))
+    config = load_node_config(path)
+    assert config.host == "127.0.0.1"  # loopback unless told otherwise
+    assert config.tenants[0].name == "demo"
+    path.write_text("[")
+    with pytest.raises(NodeConfigError, match="invalid JSON"):
+        load_node_config(path)
