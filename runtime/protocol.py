@@ -74,7 +74,9 @@ class InstanceSnapshot(_Wire):
     kv_usage: float = Field(0.0, ge=0.0, le=1.0)
 
     def to_view(self, last_seen: float, failed_at: float | None = None) -> InstanceView:
-        return InstanceView(**self.model_dump(), last_seen=last_seen, failed_at=failed_at)
+        # Excluding last_seen lets a PeerInstance (which carries its own) convert the same way.
+        fields = self.model_dump(exclude={"last_seen"})
+        return InstanceView(**fields, last_seen=last_seen, failed_at=failed_at)
 
 
 class UsageDelta(_Wire):

@@ -18,9 +18,12 @@ later requests wait out. Long-run throughput still equals the limit.
 Limits come from the tenant's :class:`runtime.spec.QuotaSpec`. The controller can replace them
 with fleet-wide values by handing each agent a :class:`QuotaLease` (a tenant's share of its fleet
 quota for this node, renewed periodically); enforcement stays here. An expired lease falls back to
-the spec's limits. Monthly budgets (``usd_per_month``, ``accelerator_hours_per_month``) need the
-fleet-wide usage ledger, so only the controller can judge them: it says so through
-``QuotaLease.blocked`` and this module refuses the tenant's requests while that is set.
+the tenant's *fallback* limits: the spec's by default, or what :meth:`QuotaBook.set_fallback`
+installs (an agent in a fleet sets its even share, so that agents that lost the controller do not
+each admit the whole fleet quota). Monthly budgets (``usd_per_month``,
+``accelerator_hours_per_month``) need the fleet-wide usage ledger, so only the controller can
+judge them: it says so through ``QuotaLease.blocked`` and this module refuses the tenant's
+requests while that is set.
 
 Decisions are data (:class:`QuotaDecision`), never exceptions, so the simulator can replay the
 same code with a virtual clock.
@@ -47,14 +50,23 @@ __all__ = [
 
 Clock = Callable[[], float]
 QuotaLimitName = Literal[
-    "requests_per_minute", "tokens_per_minute", "max_concurrency", "usd_per_month"
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrency",
+    "usd_per_month",
+    "accelerator_hours_per_month",
+    "monthly_budget",  # a monthly budget is spent, which one is not known
 ]
+_BUDGET_LIMITS = ("usd_per_month", "accelerator_hours_per_month", "monthly_budget")
 
 SECONDS_PER_MINUTE = 60.0
 # A concurrency slot frees when some request finishes; we cannot know when, so suggest a short wait.
 CONCURRENCY_RETRY_AFTER_S = 1.0
 # A blocked (budget-exhausted) tenant is re-judged when the controller renews leases.
 BLOCKED_RETRY_AFTER_S = 60.0
+# A limit leased down to zero on this agent changes with the next lease (or another agent has
+# the share), so suggest a short wait rather than "never".
+ZERO_LIMIT_RETRY_AFTER_S = 5.0
 
 
 class TokenBucket:
@@ -94,11 +106,16 @@ class TokenBucket:
             self._level = min(self._capacity, self._level + elapsed * self._rate)
 
     def wait_for(self, amount: float) -> float:
-        """Seconds until ``amount`` (at most the capacity) is available; 0 if it is now."""
+        """Seconds until ``amount`` (at most the capacity) is available; 0 if it is now.
+
+        A zero limit (a lease that gives this agent no share) never refills: ``inf``.
+        """
         if self.unlimited:
             return 0.0
         assert self._capacity is not None and self._rate is not None
         self._refill()
+        if amount > 0 and self._capacity <= 0:
+            return math.inf
         needed = min(amount, self._capacity)
         if self._level >= needed:
             return 0.0
@@ -174,8 +191,10 @@ class QuotaDecision:
     def message(self) -> str:
         if self.allowed:
             return f"within the quotas of tenant {self.tenant!r}"
-        if self.limit == "usd_per_month":
-            return f"monthly budget (usd_per_month) of tenant {self.tenant!r} is used up"
+        if self.limit == "monthly_budget":
+            return f"monthly budget of tenant {self.tenant!r} is used up"
+        if self.limit in _BUDGET_LIMITS:
+            return f"monthly budget ({self.limit}) of tenant {self.tenant!r} is used up"
         return f"{self.limit} quota of tenant {self.tenant!r} exceeded"
 
 
@@ -222,9 +241,27 @@ class TenantQuota:
 
     def apply_lease(self, lease: QuotaLease) -> None:
         """Enforce ``lease`` from now on (until it expires); buckets keep their fill fraction."""
+        self._check_tenant(lease)
+        self._install(lease)
+
+    def set_fallback(self, lease: QuotaLease) -> None:
+        """What an expired lease falls back to from now on (initially the spec's limits).
+
+        ``lease`` must not expire. If the fallback is what is in force now, the new one takes
+        over at once.
+        """
+        self._check_tenant(lease)
+        if lease.expires_at is not None:
+            raise ValueError("a fallback lease cannot expire")
+        self._expire_lease()
+        in_force = self._lease is self._base
+        self._base = lease
+        if in_force:
+            self._install(lease)
+
+    def _check_tenant(self, lease: QuotaLease) -> None:
         if lease.tenant != self.tenant:
             raise ValueError(f"lease for tenant {lease.tenant!r} applied to {self.tenant!r}")
-        self._install(lease)
 
     def _install(self, lease: QuotaLease) -> None:
         self._lease = lease
@@ -258,6 +295,8 @@ class TenantQuota:
             # Name the limit that keeps the tenant waiting longest: retrying after that long
             # clears every limit hit now.
             wait, limit = max(waits, key=lambda w: w[0])
+            if math.isinf(wait):
+                wait = ZERO_LIMIT_RETRY_AFTER_S
             return QuotaDecision(False, self.tenant, limit, retry_after_s=wait)
         state.requests.take(1)
         state.tokens.take(estimated_tokens)
@@ -326,6 +365,9 @@ class QuotaBook:
 
     def apply_lease(self, lease: QuotaLease) -> None:
         self._tenant(lease.tenant).apply_lease(lease)
+
+    def set_fallback(self, lease: QuotaLease) -> None:
+        self._tenant(lease.tenant).set_fallback(lease)
 
     def snapshot(self, tenant: str) -> dict[str, float | int | None]:
         return self._tenant(tenant).snapshot()

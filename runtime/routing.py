@@ -69,7 +69,7 @@ from typing import Any
 from runtime.catalog import Catalog
 from runtime.costmodel import PerformanceModel, ReplicaPerformance, Workload, fit, hardware_for
 from runtime.plan import tenant_may_use
-from runtime.spec import FleetSpec, Quality
+from runtime.spec import FleetSpec, Quality, SloClassSpec
 
 __all__ = [
     "DEFAULT_PRIOR",
@@ -224,6 +224,18 @@ class ClassPolicy:
     spot_eligible: bool
     min_quality: Quality
 
+    @classmethod
+    def from_spec(cls, slo: SloClassSpec) -> ClassPolicy:
+        return cls(
+            name=slo.name,
+            priority=slo.priority,
+            ttft_s=slo.ttft_ms / 1000.0,
+            tpot_s=slo.tpot_ms / 1000.0,
+            sheddable=slo.sheddable,
+            spot_eligible=slo.spot_eligible,
+            min_quality=Quality[slo.min_quality],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RoutingPolicy:
@@ -255,18 +267,7 @@ class RoutingPolicy:
         cold_slowdown: float = 1.5,
         kv_saturation: float = 0.95,
     ) -> RoutingPolicy:
-        classes = {
-            c.name: ClassPolicy(
-                name=c.name,
-                priority=c.priority,
-                ttft_s=c.ttft_ms / 1000.0,
-                tpot_s=c.tpot_ms / 1000.0,
-                sheddable=c.sheddable,
-                spot_eligible=c.spot_eligible,
-                min_quality=Quality[c.min_quality],
-            )
-            for c in spec.slo_classes
-        }
+        classes = {c.name: ClassPolicy.from_spec(c) for c in spec.slo_classes}
         return cls(
             classes=classes,
             tenant_min_quality={t.name: Quality[t.min_quality] for t in spec.tenants},

@@ -193,3 +193,52 @@ def test_quota_book_routes_by_tenant(clock: FakeClock) -> None:
     assert book.admit("a", 1).allowed
     with pytest.raises(KeyError, match="no quota for tenant 'c'"):
         book.admit("c", 1)
+
+
+def test_an_expired_lease_falls_back_to_the_fallback_set(clock: FakeClock) -> None:
+    q = quota(clock, requests_per_minute=60)
+    q.set_fallback(QuotaLease("acme", requests_per_minute=20))
+    assert q.lease.requests_per_minute == 20  # the fallback was in force: it takes over at once
+    q.apply_lease(QuotaLease("acme", requests_per_minute=30, expires_at=clock.now + 10))
+    q.set_fallback(QuotaLease("acme", requests_per_minute=15))
+    assert q.lease.requests_per_minute == 30  # a valid lease is not replaced
+    clock.advance(10)
+    assert q.lease.requests_per_minute == 15 and q.lease.expires_at is None
+
+
+def test_a_fallback_must_not_expire_nor_be_anothers(clock: FakeClock) -> None:
+    q = quota(clock, requests_per_minute=60)
+    with pytest.raises(ValueError, match="cannot expire"):
+        q.set_fallback(QuotaLease("acme", expires_at=clock.now + 1))
+    with pytest.raises(ValueError, match="other"):
+        q.set_fallback(QuotaLease("other"))
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ("usd_per_month", "monthly budget (usd_per_month) of tenant 'acme' is used up"),
+        (
+            "accelerator_hours_per_month",
+            "monthly budget (accelerator_hours_per_month) of tenant 'acme' is used up",
+        ),
+        ("monthly_budget", "monthly budget of tenant 'acme' is used up"),
+    ],
+)
+def test_a_blocked_tenant_is_told_which_budget(clock: FakeClock, limit: str, message: str) -> None:
+    q = quota(clock)
+    q.apply_lease(QuotaLease("acme", blocked=limit))  # type: ignore[arg-type]
+    decision = q.admit(1)
+    assert not decision.allowed and decision.message == message
+
+
+def test_a_limit_leased_down_to_zero_admits_nothing(clock: FakeClock) -> None:
+    q = quota(clock, requests_per_minute=60, tokens_per_minute=600)
+    q.apply_lease(QuotaLease("acme", requests_per_minute=0, tokens_per_minute=600))
+    for _ in range(3):
+        decision = q.admit(10)
+        assert (decision.allowed, decision.limit) == (False, "requests_per_minute")
+        assert 0 < decision.retry_after_s < 60
+        clock.advance(30)
+    q.apply_lease(QuotaLease("acme", requests_per_minute=60, tokens_per_minute=0))
+    assert q.admit(10).limit == "tokens_per_minute"

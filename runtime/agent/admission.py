@@ -98,11 +98,14 @@ class ThroughputEstimate:
 
     ``prefill_tokens_per_s``: token rows per second of steps that contain prefill work.
     ``decode_step_s``: seconds of a step that only decodes (one token per running sequence).
+    ``decode_batch``: sequences in such a step, so that ``decode_batch / decode_step_s`` is the
+    decode speed in tokens/s at that batch (what the router's fleet view carries).
     """
 
     alpha: float = 0.2
     prefill_tokens_per_s: float | None = None
     decode_step_s: float | None = None
+    decode_batch: float | None = None
 
     def observe(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
         if seconds <= 0 or prefill_tokens + decode_tokens <= 0:
@@ -112,6 +115,7 @@ class ThroughputEstimate:
             self.prefill_tokens_per_s = _ewma(self.prefill_tokens_per_s, rate, self.alpha)
         else:
             self.decode_step_s = _ewma(self.decode_step_s, seconds, self.alpha)
+            self.decode_batch = _ewma(self.decode_batch, decode_tokens, self.alpha)
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:

@@ -4,19 +4,35 @@ This module owns the HTTP surface of a node (see ``runtime/agent/openapi.json``)
 chat and text completions (streaming over SSE or not), the model list, the caller's usage,
 health, readiness, Prometheus metrics, the OpenAPI document and the drain route.
 
-One inference request goes: authenticate (401) -> tenant may use this pool (403) -> parse and
-validate the body (400) -> model (404 unknown, 403 not allowed) -> node accepting (503 loading or
-draining) -> tokenise and check the context length (400) -> priority class -> overload shedding
-(503) -> quota (429) -> submit to the serving backend -> stream or collect the outputs. When the
-request ends for any reason the backend calls back with its final accounting: the quota is
-corrected, usage and cost are recorded, latencies observed. A client that disconnects gets its
-sequence aborted (a watcher polls the connection; a failed write or a cancelled handler does the
-same).
+One inference request goes: a forwarded request's hop is checked (401 without the fleet
+token) -> authenticate (401) -> tenant may use this pool (403) -> parse and validate the body
+(400) -> model (404 unknown, 403 not allowed) -> node accepting (503 loading or draining) ->
+tokenise and check the context length (400) -> priority class -> fleet routing (503 when shed or
+no instance can take it) -> overload shedding if served here (503) -> fleet budget and quota
+(429; not for a forwarded request, which its origin charged) -> submit to the serving backend
+and stream or collect the outputs, or forward it to the chosen peer (:mod:`.forward`). When a
+request served here ends for any reason the backend calls back with its final accounting: the
+quota is corrected, usage and cost are recorded (and queued for the controller), latencies
+observed. A client that disconnects gets its sequence aborted (a watcher polls the connection; a
+failed write or a cancelled handler does the same).
+
+In a fleet (``controller_url`` set) the app owns a :class:`.push.MetricsPusher`, started once
+the agent knows the URL it is reachable at (:func:`advertise`), whose replies a
+:class:`.fleet.FleetLink` applies (leases, budgets, the fleet view), and an HTTP client session
+for forwards.
+Routing: the router (:func:`runtime.routing.route`) sees the controller's last fleet view with
+this node's live snapshot in it. The chosen peer gets the request over HTTP; if it fails before
+the first token it is marked failed and the request is routed once more without it (to the next
+peer, or here). Without a controller, or before its first reply, every request is served here.
+A fleet whose monthly budget is spent refuses client requests with 429 ``insufficient_quota``
+(OpenAI's code for a spent billing quota): the condition is not transient overload, retrying
+elsewhere cannot help, and it clears only when the budget is raised or the month turns.
 
 Drain (SIGTERM in ``fleetform agent``, or ``POST /admin/drain`` with the fleet token, e.g. on a
-spot interruption notice): ``/readyz`` turns 503, new inference requests get 503 + Retry-After,
-in-flight ones may finish until the deadline and are then aborted, and ``DRAINED`` is set so the
-process can exit.
+spot interruption notice): ``/readyz`` turns 503 and the node reports itself unhealthy to the
+fleet, new inference requests get 503 + Retry-After, in-flight ones (forwards to peers included)
+may finish until the deadline and are then aborted, and ``DRAINED`` is set so the process can
+exit.
 """
 
 from __future__ import annotations
@@ -26,12 +42,14 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -46,20 +64,35 @@ from runtime.agent.admission import (
 from runtime.agent.auth import TenantDirectory, bearer_token, token_matches
 from runtime.agent.backend import (
     BackendError,
-    EngineCoreBackend,
     GenerationHandle,
     GenerationRequest,
     GenerationResult,
     ServingBackend,
+    make_backend,
 )
 from runtime.agent.config import NodeConfig, TenantConfig
 from runtime.agent.errors import APIError, make_error_middleware, param_from_validation_error
+from runtime.agent.fleet import FleetLink, RecentUseMeter, instance_snapshot, routing_policy
+from runtime.agent.forward import (
+    SERVED_BY_HEADER,
+    Hop,
+    PeerFailed,
+    PeerStreamBroken,
+    forward_headers,
+    hop_from_headers,
+    open_stream,
+    post_whole,
+    usage_comment,
+)
 from runtime.agent.metrics import AgentMetrics, UsageLedger
+from runtime.agent.push import MetricsPusher, pusher_for_node
 from runtime.engine.base import SamplingParams
+from runtime.protocol import InstanceSnapshot
 from runtime.quota import QuotaBook, QuotaTicket
+from runtime.routing import RouteDecision, RouteOutcome, RouteRequest, RoutingPolicy, route
 from runtime.spec import SloClassSpec
 
-__all__ = ["AGENT", "DRAINED", "AgentState", "begin_drain", "init"]
+__all__ = ["AGENT", "DRAINED", "AgentState", "advertise", "begin_drain", "init"]
 
 log = logging.getLogger("fleetform.agent")
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -73,6 +106,9 @@ DRAINING_RETRY_AFTER_S = 2
 DISCONNECT_POLL_S = 0.25
 DRAIN_POLL_S = 0.05
 ABORT_GRACE_S = 5.0  # after the drain deadline, how long aborted requests get to wind down
+BUDGET_RETRY_AFTER_S = 60  # a spent fleet budget is re-judged at the controller's next reply
+UNROUTABLE_RETRY_AFTER_S = 5
+PEERS_FAILED_RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -88,10 +124,22 @@ class AgentState:
     classes: dict[str, SloClassSpec]
     fleet_token: str | None
     clock: Callable[[], float]
+    policy: RoutingPolicy
+    recent_use: RecentUseMeter
+    fleet: FleetLink | None = None  # None: no controller, every request is served here
+    pusher: MetricsPusher | None = None
+    advertised_url: str | None = None  # where peers reach this agent, once bound
+    advertised: asyncio.Event = field(default_factory=asyncio.Event)
+    peer_session: aiohttp.ClientSession | None = None
     draining: bool = False
     drain_deadline_s: float = 0.0
     drain_task: asyncio.Task[None] | None = None
     in_flight: dict[str, GenerationHandle] = field(default_factory=dict)
+    forwards: dict[str, asyncio.Task[Any]] = field(default_factory=dict)  # requests at peers
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight or self.forwards)
 
 
 AGENT = web.AppKey("agent", AgentState)
@@ -107,13 +155,13 @@ def init(
 ) -> web.Application:
     """The agent application for ``config``.
 
-    ``backend`` defaults to the embedded engine; ``environ`` is where the fleet token is read
-    (default ``os.environ``); ``clock`` drives quota buckets and the drain deadline.
+    ``backend`` defaults to what ``config.engine`` describes (:func:`make_backend`); ``environ``
+    is where the fleet token and an upstream's API key are read (default ``os.environ``);
+    ``clock`` drives quota buckets, lease expiry and the drain deadline. Raises
+    :class:`runtime.agent.config.NodeConfigError` for a ``controller_url`` without a fleet token.
     """
     if backend is None:
-        backend = EngineCoreBackend(
-            config.engine, ewma_alpha=config.admission.throughput_ewma_alpha
-        )
+        backend = make_backend(config, environ=environ)
     metrics = AgentMetrics(config.node_id, config.pool, config.model)
     state = AgentState(
         config=config,
@@ -125,7 +173,28 @@ def init(
         classes={c.name: c for c in config.slo_classes},
         fleet_token=config.fleet_token(environ),
         clock=clock,
+        policy=routing_policy(config),
+        recent_use=RecentUseMeter(clock),
     )
+    if config.controller_url is not None:
+        fleet = FleetLink(config, state.quotas, clock)
+        state.fleet = fleet
+
+        def push_snapshot() -> InstanceSnapshot:
+            fleet.push_built()
+            return _live_snapshot(state)
+
+        state.pusher = pusher_for_node(
+            config,
+            snapshot=push_snapshot,
+            recent_use=state.recent_use.report,
+            on_reply=fleet.apply_reply,
+            environ=environ,
+            interval_s=config.push_interval_s,
+        )
+    if config.advertise_url is not None:
+        state.advertised_url = config.advertise_url.rstrip("/")
+        state.advertised.set()
     metrics.bind_gauges(
         stats=backend.stats,
         in_flight=lambda: len(state.in_flight),
@@ -138,6 +207,9 @@ def init(
     )
     app[AGENT] = state
     app[DRAINED] = asyncio.Event()
+    # Before the backend's: cleanup runs in reverse, so the last usage of requests aborted at
+    # shutdown is recorded before the pusher's final flush.
+    app.cleanup_ctx.append(_fleet_lifecycle)
     app.cleanup_ctx.append(_backend_lifecycle)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -149,6 +221,63 @@ def init(
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_post("/admin/drain", admin_drain)
     return app
+
+
+def advertise(app: web.Application, port: int) -> str:
+    """Tell the app the port it was bound to; returns the URL it advertises to peers.
+
+    The metrics pusher starts only then, so a node configured with port 0 never advertises a
+    port nobody listens on. ``advertise_url`` in the config, when set, wins.
+    """
+    state = app[AGENT]
+    if state.advertised_url is None:
+        host = state.config.host
+        if host in ("0.0.0.0", "::", ""):  # a wildcard is no address to reach the node at
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        state.advertised_url = f"http://{host}:{port}"
+    state.advertised.set()
+    return state.advertised_url
+
+
+async def _fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """In a fleet: the session for forwards, and the pusher (from when the node is advertised)
+    until shutdown, when it delivers the usage not yet acknowledged."""
+    state = app[AGENT]
+    if state.fleet is None:
+        yield
+        return
+    state.peer_session = aiohttp.ClientSession()
+    pusher = state.pusher
+    assert pusher is not None
+
+    async def start_when_advertised() -> None:
+        await state.advertised.wait()
+        pusher.start()
+
+    starter = asyncio.get_running_loop().create_task(start_when_advertised())
+    try:
+        yield
+    finally:
+        starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
+        await pusher.stop()
+        await state.peer_session.close()
+
+
+def _live_snapshot(state: AgentState) -> InstanceSnapshot:
+    backend = state.backend
+    return instance_snapshot(
+        state.config,
+        state.advertised_url or f"http://{state.config.host}:{state.config.port}",
+        healthy=backend.ready and not state.draining,
+        stats=backend.stats(),
+        throughput=backend.throughput(),
+        items=backend.work_items(),
+        max_batch=backend.max_num_seqs,
+    )
 
 
 async def _backend_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -176,25 +305,29 @@ def begin_drain(app: web.Application, deadline_s: float | None = None) -> schema
         timeout = state.config.drain_timeout_s if deadline_s is None else deadline_s
         state.draining = True
         state.drain_deadline_s = state.clock() + timeout
-        log.info("draining: %d in flight, deadline in %.1fs", len(state.in_flight), timeout)
+        busy = len(state.in_flight) + len(state.forwards)
+        log.info("draining: %d in flight, deadline in %.1fs", busy, timeout)
         state.drain_task = asyncio.get_running_loop().create_task(_drain(app))
     return schemas.DrainStatus(
         draining=True,
         deadline_s=max(0.0, state.drain_deadline_s - state.clock()),
-        in_flight=len(state.in_flight),
+        in_flight=len(state.in_flight) + len(state.forwards),
     )
 
 
 async def _drain(app: web.Application) -> None:
     state = app[AGENT]
-    while state.in_flight and state.clock() < state.drain_deadline_s:
+    while state.busy and state.clock() < state.drain_deadline_s:
         await asyncio.sleep(DRAIN_POLL_S)
-    if state.in_flight:
-        log.warning("drain deadline passed: aborting %d requests", len(state.in_flight))
+    if state.busy:
+        aborted = len(state.in_flight) + len(state.forwards)
+        log.warning("drain deadline passed: aborting %d requests", aborted)
         for handle in list(state.in_flight.values()):
             handle.abort()
+        for task in list(state.forwards.values()):
+            task.cancel()  # closes the connection to the peer, which aborts there
         grace_end = state.clock() + ABORT_GRACE_S
-        while state.in_flight and state.clock() < grace_end:
+        while state.busy and state.clock() < grace_end:
             await asyncio.sleep(DRAIN_POLL_S)
     log.info("drained")
     app[DRAINED].set()
@@ -306,7 +439,8 @@ async def tenant_usage(request: web.Request) -> web.Response:
 
 @dataclass
 class _Admitted:
-    """A request that passed every check and holds quota."""
+    """A request that passed every check; ``ticket`` is its quota charge (None until charged,
+    and for a forwarded request, whose origin holds the charge)."""
 
     request_id: str
     kind: Kind
@@ -318,7 +452,14 @@ class _Admitted:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float
-    ticket: QuotaTicket
+    hop: Hop | None = None  # how a forwarded request got here; None for a client's request
+    ticket: QuotaTicket | None = None
+
+
+@dataclass(frozen=True)
+class _Peer:
+    instance_id: str
+    url: str
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -332,7 +473,204 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     arrival = time.monotonic()
     state = request.app[AGENT]
-    admitted = await _admit(request, state, kind, arrival)
+    hop = hop_from_headers(request.headers, state.fleet_token)
+    admitted = await _admit(request, state, kind, arrival, hop)
+    peer = _destination(state, admitted, _route(state, admitted))
+    if peer is None:
+        _shed_if_overloaded(state, admitted)
+    admitted = _charge_quota(state, admitted)
+    if peer is None:
+        return await _serve_here(request, state, admitted)
+    return await _forward(request, state, admitted, peer)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing and forwarding
+
+
+def _route(
+    state: AgentState, admitted: _Admitted, exclude: frozenset[str] = frozenset()
+) -> RouteDecision | None:
+    """The fleet router's decision, or None to serve here without asking it: no controller
+    view yet, or a forwarded request that has used up the hop limit."""
+    hop = admitted.hop
+    if state.fleet is None or (hop is not None and hop.hops >= state.policy.hop_limit):
+        return None
+    view = state.fleet.fleet_view(_live_snapshot(state))
+    if view is None:
+        return None
+    request = RouteRequest(
+        model=admitted.model,
+        slo_class=admitted.slo.name,
+        tenant=admitted.tenant.name,
+        prompt_tokens=len(admitted.prompt_ids),
+        max_tokens=admitted.params.max_tokens,
+        request_id=admitted.request_id,
+        hops=hop.hops if hop is not None else 0,
+        exclude=(hop.tried if hop is not None else frozenset()) | exclude,
+    )
+    decision = route(request, view, state.policy)
+    log.debug("route %s: %s (%s)", admitted.request_id, decision.outcome, decision.reason)
+    return decision
+
+
+def _destination(
+    state: AgentState, admitted: _Admitted, decision: RouteDecision | None
+) -> _Peer | None:
+    """The peer to forward to, or None to serve here; 503 when the fleet cannot take it."""
+    local = state.config.node_id
+    if decision is None:
+        return None
+    if decision.instance_id is None and admitted.hop is not None:
+        # Its origin judged it worth serving and chose this node: a peer that sees it
+        # differently (a newer view) serves it rather than bouncing it back.
+        return None
+    target = "local" if decision.instance_id in (None, local) else "peer"
+    state.metrics.routed.labels(str(decision.outcome), target).inc()
+    if decision.outcome is RouteOutcome.SHED:
+        state.metrics.shed.labels(admitted.slo.name).inc()
+        raise APIError(
+            503,
+            f"{decision.reason}; retry later",
+            code="overload",
+            retry_after=max(1, math.ceil(decision.retry_after_s or 1)),
+            reason="shed",
+        )
+    if decision.instance_id is None:
+        raise APIError(
+            503,
+            f"no instance can serve this request now: {decision.reason}",
+            code="unroutable",
+            retry_after=UNROUTABLE_RETRY_AFTER_S,
+            reason="unroutable",
+        )
+    if decision.instance_id == local:
+        return None
+    assert decision.url is not None
+    return _Peer(decision.instance_id, decision.url)
+
+
+async def _forward(
+    request: web.Request, state: AgentState, admitted: _Admitted, peer: _Peer
+) -> web.StreamResponse:
+    """Forward to ``peer``; if it fails before the first token, route once more without it
+    (to another peer, or here). The quota charge is settled when the forward ends."""
+    assert state.fleet is not None and state.peer_session is not None
+    assert state.fleet_token is not None  # a fleet node has one (checked at init)
+    failed: set[str] = set()  # peers that failed this request
+    task = asyncio.current_task()
+    assert task is not None
+    state.forwards[admitted.request_id] = task
+    handed_over = False
+    try:
+        for attempt in (1, 2):
+            try:
+                return await _forward_once(request, state, admitted, peer, failed)
+            except PeerFailed as failure:
+                state.fleet.mark_failed(peer.instance_id)
+                state.metrics.forward_failures.labels(failure.reason).inc()
+                failed.add(peer.instance_id)
+                log.warning(
+                    "forward of %s to %s failed (%s)%s",
+                    admitted.request_id,
+                    peer.instance_id,
+                    failure,
+                    "; trying again" if attempt == 1 else "",
+                )
+                if attempt == 2:
+                    raise APIError(
+                        503,
+                        f"the peers chosen for this request failed ({failure}); retry",
+                        code="peer_unavailable",
+                        retry_after=PEERS_FAILED_RETRY_AFTER_S,
+                        reason="peer_failed",
+                    ) from None
+                next_peer = _destination(
+                    state, admitted, _route(state, admitted, exclude=frozenset(failed))
+                )
+                if next_peer is None:
+                    handed_over = True  # serving here settles the quota when it ends
+                    state.forwards.pop(admitted.request_id, None)  # in_flight tracks it now
+                    return await _serve_here(request, state, admitted)
+                peer = next_peer
+        raise AssertionError("unreachable")
+    finally:
+        state.forwards.pop(admitted.request_id, None)
+        if not handed_over:
+            _release_quota(state, admitted, 0)  # no-op once settled with the tokens used
+
+
+async def _forward_once(
+    request: web.Request,
+    state: AgentState,
+    admitted: _Admitted,
+    peer: _Peer,
+    failed: set[str],
+) -> web.StreamResponse:
+    """One attempt; raises :class:`PeerFailed` while nothing has reached the client."""
+    assert state.fleet is not None and state.peer_session is not None
+    assert state.fleet_token is not None
+    routing = state.config.routing
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=routing.forward_connect_timeout_s,
+        sock_read=routing.forward_read_timeout_s,
+    )
+    hops = admitted.hop.hops if admitted.hop is not None else 0
+    headers = forward_headers(
+        request.headers,
+        slo_class=admitted.slo.name,
+        hops=hops + 1,
+        # The peer must not send it back here, nor to a peer that already failed it.
+        tried={*(admitted.hop.tried if admitted.hop else ()), state.config.node_id, *failed},
+        fleet_token=state.fleet_token,
+    )
+    url = peer.url.rstrip("/") + request.path
+    charged = admitted.ticket.charged_tokens if admitted.ticket is not None else 0
+    # Counted before the first await, so that the next request's route already sees it.
+    pending = state.fleet.forward_started(
+        peer.instance_id, admitted.slo.priority, len(admitted.prompt_ids)
+    )
+    try:
+        body = await request.read()  # aiohttp keeps the body read at admission
+        if not admitted.stream:
+            answer = await post_whole(state.peer_session, url, body, headers, timeout)
+            used = answer.total_tokens
+            _release_quota(state, admitted, charged if used is None else used)
+            return web.Response(
+                body=answer.body,
+                headers={**answer.headers, "Content-Type": "application/json"},
+            )
+        async with open_stream(state.peer_session, url, body, headers, timeout) as stream:
+            response = web.StreamResponse(headers={**stream.headers, **_SSE_HEADERS})
+            await response.prepare(request)
+            try:
+                async for event in stream.events():
+                    await response.write(event)
+                await response.write_eof()
+            except ConnectionResetError:
+                log.info("client went away during forwarded %s", admitted.request_id)
+            except PeerStreamBroken as broken:
+                log.warning("forwarded stream from %s broke: %s", peer.instance_id, broken)
+                failure = APIError(503, f"the serving peer failed: {broken}", code="peer_error")
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write(_SSE.frame(failure.body()))
+                    await response.write(_SSE.done)
+            used = None if stream.usage is None else sum(stream.usage)
+            _release_quota(state, admitted, charged if used is None else used)
+            return response
+    finally:
+        state.fleet.forward_finished(pending)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving here
+
+
+async def _serve_here(
+    request: web.Request, state: AgentState, admitted: _Admitted
+) -> web.StreamResponse:
+    arrival = admitted.arrival
     generation = GenerationRequest(
         request_id=admitted.request_id,
         prompt_token_ids=admitted.prompt_ids,
@@ -344,9 +682,9 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     try:
         handle = state.backend.submit(generation, _on_done(state, admitted))
     except ValueError as error:
-        state.quotas.release(admitted.ticket, 0)
+        _release_quota(state, admitted, 0)
         param, _, why = str(error).partition(": ")
-        param = {"prompt_token_ids": _prompt_param(kind)}.get(param, param)
+        param = {"prompt_token_ids": _prompt_param(admitted.kind)}.get(param, param)
         raise APIError(
             400,
             f"{param}: {why}" if why else str(error),
@@ -355,7 +693,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             reason="bad_request",
         ) from None
     except BackendError as error:
-        state.quotas.release(admitted.ticket, 0)
+        _release_quota(state, admitted, 0)
         raise APIError(
             503, str(error), code="unavailable", retry_after=LOADING_RETRY_AFTER_S, reason="loading"
         ) from None
@@ -363,6 +701,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     headers = {
         "X-Request-Id": admitted.request_id,
         EFFECTIVE_PRIORITY_HEADER: admitted.slo.name,
+        SERVED_BY_HEADER: state.config.node_id,
     }
     watcher = asyncio.get_running_loop().create_task(_abort_on_disconnect(request, handle))
     try:
@@ -395,12 +734,21 @@ def _on_done(state: AgentState, admitted: _Admitted) -> Callable[[GenerationResu
 
     def done(result: GenerationResult) -> None:
         state.in_flight.pop(result.request_id, None)
-        state.quotas.release(admitted.ticket, result.prompt_tokens + result.completion_tokens)
+        _release_quota(state, admitted, result.prompt_tokens + result.completion_tokens)
         tenant, slo_class = admitted.tenant.name, admitted.slo.name
         usd = result.accelerator_seconds * price_per_s
         state.usage.record(
             tenant, result.prompt_tokens, result.completion_tokens, result.accelerator_seconds, usd
         )
+        if state.pusher is not None:  # this node served it, so this node reports it
+            state.pusher.record_usage(
+                tenant,
+                time.time(),
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                accelerator_seconds=result.accelerator_seconds,
+                usd=usd,
+            )
         m = state.metrics
         m.prompt_tokens.labels(tenant).inc(result.prompt_tokens)
         m.completion_tokens.labels(tenant).inc(result.completion_tokens)
@@ -417,6 +765,10 @@ def _on_done(state: AgentState, admitted: _Admitted) -> Callable[[GenerationResu
             m.e2e.labels(slo_class).observe(result.e2e_s)
 
     return done
+
+
+# --------------------------------------------------------------------------------------------
+# Admission
 
 
 def _authenticate(request: web.Request) -> TenantConfig:
@@ -486,7 +838,10 @@ def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code=code, reason="bad_request")
 
 
-async def _admit(request: web.Request, state: AgentState, kind: Kind, arrival: float) -> _Admitted:
+async def _admit(
+    request: web.Request, state: AgentState, kind: Kind, arrival: float, hop: Hop | None
+) -> _Admitted:
+    """Authenticate and validate a request and resolve its class (nothing charged yet)."""
     config = state.config
     tenant = _authenticate(request)
     if not tenant.may_use_pool(config.pool):
@@ -559,8 +914,28 @@ async def _admit(request: web.Request, state: AgentState, kind: Kind, arrival: f
             code="unknown_priority_class",
             reason="bad_request",
         ) from None
-    slo = resolution.slo_class
+    stream = body.stream
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return _Admitted(
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        kind=kind,
+        tenant=tenant,
+        model=config.model,
+        slo=resolution.slo_class,
+        stream=stream,
+        include_usage=bool(stream and body.stream_options and body.stream_options.include_usage),
+        prompt_ids=prompt_ids,
+        params=params,
+        arrival=arrival,
+        hop=hop,
+    )
 
+
+def _shed_if_overloaded(state: AgentState, admitted: _Admitted) -> None:
+    """Refuse (503) what this node should not take on: past the cap on waiting requests, or,
+    when no fleet router decided, a sheddable request predicted to miss its TTFT objective.
+    (Where the router sent it here, the prediction was the router's.)"""
+    config, backend, slo = state.config, state.backend, admitted.slo
     throughput = backend.throughput()
     load = LoadState(
         prefill_tokens_per_s=throughput.prefill_tokens_per_s
@@ -570,15 +945,34 @@ async def _admit(request: web.Request, state: AgentState, kind: Kind, arrival: f
         max_num_seqs=backend.max_num_seqs,
         max_waiting=config.admission.max_waiting_requests,
     )
-    shed = decide_shedding(load, len(prompt_ids), slo)
-    if shed.shed:
-        if shed.reason == "overload":
-            state.metrics.shed.labels(slo.name).inc()
-        raise APIError(
-            503, shed.message, code=shed.reason, retry_after=shed.retry_after_s, reason=shed.reason
-        )
+    shed = decide_shedding(load, len(admitted.prompt_ids), slo)
+    routed = admitted.hop is not None or (state.fleet is not None and state.fleet.reply is not None)
+    if not shed.shed or (routed and shed.reason == "overload"):
+        return
+    if shed.reason == "overload":
+        state.metrics.shed.labels(slo.name).inc()
+    raise APIError(
+        503, shed.message, code=shed.reason, retry_after=shed.retry_after_s, reason=shed.reason
+    )
 
-    decision = state.quotas.admit(tenant.name, len(prompt_ids) + params.max_tokens)
+
+def _charge_quota(state: AgentState, admitted: _Admitted) -> _Admitted:
+    """Charge the tenant's quota (429 when a limit or a budget is spent). A forwarded request
+    is not charged here: its origin charged it."""
+    if admitted.hop is not None:
+        return admitted
+    if state.fleet is not None and state.fleet.fleet_over_budget:
+        raise APIError(
+            429,
+            "the fleet's monthly budget (budget.usd_per_month) is used up; requests resume "
+            "when it is raised or the month ends",
+            code="insufficient_quota",
+            retry_after=BUDGET_RETRY_AFTER_S,
+            reason="fleet_budget",
+        )
+    tenant = admitted.tenant.name
+    estimated = len(admitted.prompt_ids) + admitted.params.max_tokens
+    decision = state.quotas.admit(tenant, estimated)
     if not decision.allowed:
         assert decision.limit is not None
         raise APIError(
@@ -589,21 +983,17 @@ async def _admit(request: web.Request, state: AgentState, kind: Kind, arrival: f
             reason=f"quota_{decision.limit}",
         )
     assert decision.ticket is not None
-    stream = body.stream
-    prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    return _Admitted(
-        request_id=f"{prefix}-{uuid.uuid4().hex}",
-        kind=kind,
-        tenant=tenant,
-        model=config.model,
-        slo=slo,
-        stream=stream,
-        include_usage=bool(stream and body.stream_options and body.stream_options.include_usage),
-        prompt_ids=prompt_ids,
-        params=params,
-        arrival=arrival,
-        ticket=decision.ticket,
-    )
+    state.recent_use.started(tenant, estimated)
+    return replace(admitted, ticket=decision.ticket)
+
+
+def _release_quota(state: AgentState, admitted: _Admitted, actual_tokens: int) -> None:
+    """Settle the quota charge with the tokens used (once; later calls do nothing)."""
+    ticket = admitted.ticket
+    if ticket is None or ticket.released:
+        return
+    state.quotas.release(ticket, actual_tokens)
+    state.recent_use.finished(ticket.tenant, actual_tokens - ticket.charged_tokens)
 
 
 async def _tokenize(
@@ -787,6 +1177,13 @@ async def _collect(
     return web.json_response(body, headers=headers)
 
 
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # keep reverse proxies from batching the events
+}
+
+
 class _SSE:
     """Builds the server-sent events of one streaming response."""
 
@@ -795,7 +1192,8 @@ class _SSE:
         self.created = int(time.time())
         self.chat = admitted.kind == "chat"
 
-    def _frame(self, payload: Mapping[str, Any]) -> bytes:
+    @staticmethod
+    def frame(payload: Mapping[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
     def _chunk(
@@ -814,7 +1212,7 @@ class _SSE:
         }
         if self.admitted.include_usage:
             payload["usage"] = usage if final_usage else None
-        return self._frame(payload)
+        return self.frame(payload)
 
     def _choice(
         self, text: str | None, finish_reason: str | None, role: bool = False
@@ -841,7 +1239,7 @@ class _SSE:
         return self._chunk([], _usage(prompt_tokens, completion_tokens), final_usage=True)
 
     def error(self, error: APIError) -> bytes:
-        return self._frame(error.body())
+        return self.frame(error.body())
 
     done = b"data: [DONE]\n\n"
 
@@ -853,14 +1251,7 @@ async def _stream(
     headers: dict[str, str],
 ) -> web.StreamResponse:
     state = request.app[AGENT]
-    response = web.StreamResponse(
-        headers={
-            **headers,
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # keep reverse proxies from batching the events
-        }
-    )
+    response = web.StreamResponse(headers={**headers, **_SSE_HEADERS})
     await response.prepare(request)
     sse = _SSE(admitted)
     try:
@@ -877,6 +1268,10 @@ async def _stream(
                 await response.write(sse.finish(chunk.finish_reason or "stop"))
                 if admitted.include_usage:
                     await response.write(sse.usage(chunk.prompt_tokens, chunk.completion_tokens))
+                if admitted.hop is not None:  # for the origin's quota; it strips this comment
+                    await response.write(
+                        usage_comment(chunk.prompt_tokens, chunk.completion_tokens)
+                    )
         await response.write(sse.done)
         await response.write_eof()
     except ConnectionResetError:

@@ -1,9 +1,10 @@
 """The serving backend: the seam between the HTTP layer and whatever generates tokens.
 
 This module owns :class:`ServingBackend`, the small interface the agent's handlers talk to
-(tokenise, submit a request and iterate its outputs, abort, stats, load state for admission), and
-:class:`EngineCoreBackend`, its implementation over the embedded engine. An OpenAI-upstream
-backend implements the same protocol later.
+(tokenise, submit a request and iterate its outputs, abort, stats, load state for admission),
+:class:`EngineCoreBackend`, its implementation over the embedded engine, and
+:func:`make_backend`, which builds the backend a node config asks for (the embedded engine, or
+:class:`runtime.agent.upstream.UpstreamBackend` for an OpenAI-compatible upstream).
 
 Threading in :class:`EngineCoreBackend`: one dedicated thread loads the model (so the HTTP server
 answers ``/healthz`` at once) and then runs :meth:`EngineCore.step` in a loop. When nothing is
@@ -28,11 +29,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from runtime.agent.admission import ThroughputEstimate, WorkItem
-from runtime.agent.config import EngineSettings
+from runtime.agent.config import EngineSettings, NodeConfig, UpstreamEngineSettings
 from runtime.engine.base import Engine, EngineCapacity, SamplingParams, StepInput, StepOutput
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "ServingBackend",
+    "make_backend",
 ]
 
 log = logging.getLogger("fleetform.agent.backend")
@@ -182,6 +184,19 @@ class ServingBackend(Protocol):
     def stats(self) -> BackendStats: ...
     def work_items(self) -> list[WorkItem]: ...
     def throughput(self) -> ThroughputEstimate: ...
+
+
+def make_backend(config: NodeConfig, *, environ: Mapping[str, str] | None = None) -> ServingBackend:
+    """The serving backend ``config.engine`` describes (not started).
+
+    ``environ`` is where an upstream's API key variable is read (default ``os.environ``).
+    """
+    alpha = config.admission.throughput_ewma_alpha
+    if isinstance(config.engine, UpstreamEngineSettings):
+        from runtime.agent.upstream import UpstreamBackend  # imports this module: import late
+
+        return UpstreamBackend(config.engine, environ=environ, ewma_alpha=alpha)
+    return EngineCoreBackend(config.engine, ewma_alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,7 +623,7 @@ class EngineCoreBackend:
     def throughput(self) -> ThroughputEstimate:
         with self._lock:
             t = self._throughput
-            return ThroughputEstimate(t.alpha, t.prefill_tokens_per_s, t.decode_step_s)
+            return replace(t)  # a snapshot, safe to read off the stepping thread
 
     def unfinished_ids(self) -> list[str]:
         with self._lock:

@@ -3,7 +3,12 @@
 This module owns :class:`NodeConfig` (pydantic v2, loaded from a JSON file by
 ``fleetform agent --config node.json``) and :func:`node_config_from_spec`, which cuts one node's
 share out of a :class:`runtime.spec.FleetSpec`: its pool's model and price, the tenants with their
-key references resolved to SHA-256 digests, and the SLO classes.
+key references resolved to SHA-256 digests, the SLO classes, and (:class:`RoutingSettings`) the
+spec's routing policy with the pools and variant qualities the agent's router needs.
+
+The ``engine`` section is either :class:`EngineSettings` (``kind: embedded``, the default: the
+numpy engine in this process) or :class:`UpstreamEngineSettings` (``kind: openai-upstream``: an
+OpenAI-compatible server such as vLLM, TGI, SGLang or llama.cpp that the agent fronts).
 
 A node config never holds an API key, only ``sha256`` hex digests of keys. The fleet (admin)
 token, needed in clear to authenticate to the controller and to check ``POST /admin/drain``, is
@@ -18,16 +23,28 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from runtime.spec import FleetSpec, Name, QuotaSpec, SloClassSpec
+from runtime.spec import FleetSpec, Name, QualityName, QuotaSpec, SloClassSpec
 
 __all__ = [
     "EngineSettings",
     "NodeConfig",
     "NodeConfigError",
+    "RoutingSettings",
     "TenantConfig",
+    "UpstreamEngineSettings",
     "hash_api_key",
     "load_node_config",
     "node_config_from_spec",
@@ -52,7 +69,7 @@ class _Strict(BaseModel):
 
 
 class EngineSettings(_Strict):
-    """How the embedded engine is sized."""
+    """How the embedded engine is sized (``kind: embedded``, the default)."""
 
     kind: Literal["embedded"] = "embedded"
     model_path: str | None = Field(
@@ -65,6 +82,89 @@ class EngineSettings(_Strict):
         default=None, ge=2, description="Longest prompt + output; default from the model."
     )
     seed: int | None = Field(default=None, ge=0, description="Seed of unseeded sampling.")
+
+
+class UpstreamEngineSettings(_Strict):
+    """An OpenAI-compatible server the agent fronts (``kind: openai-upstream``).
+
+    The agent keeps its own priority queue and quotas and holds at most ``max_in_flight``
+    requests at the upstream (see :mod:`runtime.agent.upstream`).
+    """
+
+    kind: Literal["openai-upstream"]
+    url: str = Field(
+        description="Base URL of the upstream's OpenAI API, e.g. http://127.0.0.1:8000/v1 "
+        "(the agent calls <url>/completions, <url>/chat/completions and <url>/models).",
+    )
+    model: str = Field(min_length=1, description="Model id the upstream serves.")
+    max_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Requests outstanding at the upstream at once; the rest wait in the agent's "
+        "priority queue.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the upstream's own API key (sent as a bearer "
+        "token); unset: no Authorization header.",
+    )
+    model_path: str | None = Field(
+        default=None,
+        description="GGUF file of the upstream's model: its tokenizer counts prompt tokens "
+        "exactly and its chat template renders chat prompts. Unset: token counts are estimated "
+        "from the text's length and chat requests go to the upstream's chat endpoint.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=2,
+        description="Longest prompt + output; default: what the upstream's /v1/models reports, "
+        "else the GGUF's context length, else 4096.",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="To open a connection.")
+    read_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest silence while waiting for the next chunk."
+    )
+    health_interval_s: float = Field(
+        default=2.0, gt=0, description="Between readiness probes (GET <url>/models)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        problem = None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problem = "must be an http:// or https:// URL with a host"
+        elif parts.query or parts.fragment:
+            problem = "must not have a query or fragment"
+        elif parts.username or parts.password:
+            problem = "must not hold credentials (use api_key_env)"
+        if problem is not None:
+            raise ValueError(f"{problem}, e.g. http://127.0.0.1:8000/v1 (got {url!r})")
+        return url.rstrip("/")
+
+
+def _engine_kind(value: Any) -> str | None:
+    # Configs written before the upstream engine existed have no "kind": they are embedded.
+    if isinstance(value, Mapping):
+        kind = value.get("kind", "embedded")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "kind", None)
+
+
+_ENGINE_KINDS = frozenset({"embedded", "openai-upstream"})
+
+AnyEngineSettings = Annotated[
+    Annotated[EngineSettings, Tag("embedded")]
+    | Annotated[UpstreamEngineSettings, Tag("openai-upstream")],
+    Discriminator(
+        _engine_kind,
+        custom_error_type="engine_kind",
+        custom_error_message="kind must be 'embedded' or 'openai-upstream'",
+    ),
+]
 
 
 class AdmissionSettings(_Strict):
@@ -80,6 +180,39 @@ class AdmissionSettings(_Strict):
     )
 
 
+class RoutingSettings(_Strict):
+    """What the agent's router needs beyond its own node: the spec's routing policy and the
+    facts about the fleet it routes among (see :func:`runtime.agent.fleet.routing_policy`).
+
+    Only the pools serving this node's model matter (the router never sends a request to an
+    instance of another model), so only they and that model's variants are listed.
+    """
+
+    slo_headroom: float = Field(default=0.8, gt=0, le=1)
+    prefer_spot: bool = True
+    hop_limit: int = Field(default=1, ge=0, le=3)
+    peer_stale_after_s: float = Field(default=15.0, gt=0)
+    pools: list[Name] = Field(
+        default_factory=list,
+        description="Pools of the fleet serving this node's model (this node's own is implied); "
+        "peers of other pools are never chosen.",
+    )
+    variant_quality: dict[Name, QualityName] = Field(
+        default_factory=dict,
+        description="Quality of each variant of this node's model; empty: only this node's "
+        "variant is known, as 'standard'.",
+    )
+    forward_connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="Connecting to a peer; past it the peer counts as failed."
+    )
+    forward_read_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest silence from a peer (a non-streamed answer comes whole, so this "
+        "bounds its generation time); past it the peer counts as failed.",
+    )
+
+
 class TenantConfig(_Strict):
     """A tenant as one agent enforces it."""
 
@@ -87,6 +220,7 @@ class TenantConfig(_Strict):
     key_sha256: list[Sha256Hex] = Field(min_length=1)
     default_priority: Name
     max_priority: Name | None = None
+    min_quality: QualityName = "low"
     quotas: QuotaSpec = Field(default_factory=QuotaSpec)
     allowed_models: list[Name] | None = None
     allowed_pools: list[Name] | None = None
@@ -107,12 +241,23 @@ class NodeConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     model: Name = Field(description="Model name clients send and /v1/models lists.")
     variant: Name
-    engine: EngineSettings = Field(default_factory=EngineSettings)
+    engine: AnyEngineSettings = Field(default_factory=EngineSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     price_usd_per_hour: float = Field(ge=0, description="What the node costs, for attribution.")
+    spot: bool = Field(default=False, description="Runs on spot capacity (routing reads it).")
     tenants: list[TenantConfig] = Field(default_factory=list)
     slo_classes: list[SloClassSpec] = Field(min_length=1)
     controller_url: str | None = Field(default=None, pattern=r"^https?://")
+    push_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between metrics pushes to the controller."
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Base URL peers reach this agent at; default http://host:port with the "
+        "port actually bound (the host name when host is a wildcard address).",
+    )
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     fleet_token_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -162,8 +307,19 @@ class NodeConfig(_Strict):
                         f"{where}.key_sha256: a key of tenant {tenant.name!r} is also a key of "
                         f"tenant {owner!r}"
                     )
-        if self.engine.max_model_len is not None and (
-            self.engine.max_model_len > self.engine.kv_cache_tokens
+        if self.push_interval_s >= self.routing.peer_stale_after_s:
+            problems.append(
+                f"push_interval_s: {self.push_interval_s:g} is not below "
+                f"routing.peer_stale_after_s ({self.routing.peer_stale_after_s:g}); the node "
+                "would look stale between its own pushes"
+            )
+        if self.routing.variant_quality and self.variant not in self.routing.variant_quality:
+            problems.append(f"routing.variant_quality: no quality for variant {self.variant!r}")
+        engine = self.engine
+        if (
+            isinstance(engine, EngineSettings)
+            and engine.max_model_len is not None
+            and engine.max_model_len > engine.kv_cache_tokens
         ):
             problems.append("engine.max_model_len: exceeds engine.kv_cache_tokens")
         if problems:
@@ -187,9 +343,11 @@ class NodeConfig(_Strict):
 def _one_line(error: ValidationError, source: str) -> str:
     problems = []
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        # Drop the union tag pydantic puts in the path ("engine.openai-upstream.url").
+        loc = [p for p in item["loc"] if p not in _ENGINE_KINDS]
+        path = ".".join(str(p) for p in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{path}: {message}" if item["loc"] else message)
+        problems.append(f"{path}: {message}" if loc else message)
     extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{source}: {problems[0]}{extra}"
 
@@ -259,6 +417,24 @@ def resolve_key_reference(
     raise NodeConfigError(f"{where}: unknown scheme {scheme!r}")
 
 
+def _upstream_tokenizer_path(pool: str, source: str | None) -> str | None:
+    """The GGUF whose tokenizer counts an upstream pool's tokens, if its variant names one.
+
+    A variant of an upstream pool usually names the model id the upstream serves; only a
+    ``.gguf`` path or the builtin model give the agent a tokenizer (else counts are estimated).
+    """
+    if source is None:
+        return None
+    if source.startswith(BUILTIN_SOURCE_PREFIX):
+        from runtime.engine.model_files import ModelNotFoundError, default_model_path
+
+        try:
+            return str(default_model_path())
+        except ModelNotFoundError as error:
+            raise NodeConfigError(f"pool {pool!r}: {error}") from None
+    return source if source.lower().endswith(".gguf") else None
+
+
 def node_config_from_spec(
     spec: FleetSpec,
     pool_name: str,
@@ -267,7 +443,7 @@ def node_config_from_spec(
     *,
     host: str = "127.0.0.1",
     spot: bool | None = None,
-    engine: EngineSettings | None = None,
+    engine: EngineSettings | UpstreamEngineSettings | None = None,
     environ: Mapping[str, str] | None = None,
     catalog: Any = None,
     **overrides: Any,
@@ -275,7 +451,9 @@ def node_config_from_spec(
     """One node's config for a pool of ``spec``.
 
     ``spot`` chooses the price (default: the pool's market; an on-demand base replica of a spot
-    pool passes ``False``). ``engine`` overrides the engine sizing derived from the model.
+    pool passes ``False``). ``engine`` overrides the engine settings derived from the pool: the
+    model's sizing for an embedded pool, the pool's ``upstream`` for an ``openai-upstream`` pool
+    (whose variant ``source``, when it is a GGUF file or the builtin model, gives the tokenizer).
     ``overrides`` set other :class:`NodeConfig` fields (e.g. ``controller_url``,
     ``fleet_token_env``, ``drain_timeout_s``). Raises :class:`NodeConfigError`.
     """
@@ -286,11 +464,6 @@ def node_config_from_spec(
     except KeyError as error:
         known = ", ".join(p.name for p in spec.pools)
         raise NodeConfigError(f"{error.args[0]} (known: {known})") from None
-    if pool.engine != "embedded":
-        raise NodeConfigError(
-            f"pool {pool.name!r}: engine {pool.engine!r} is not supported by the agent yet "
-            "(only 'embedded')"
-        )
     model, variant = spec.pool_variant(pool)
 
     catalog = catalog if catalog is not None else default_catalog()
@@ -307,7 +480,19 @@ def node_config_from_spec(
             f"pool {pool.name!r}: {ref.instance_type} in {ref.region} has no {market} price"
         )
 
-    if engine is None:
+    if engine is None and pool.engine == "openai-upstream":
+        assert pool.upstream is not None  # the spec requires it for this engine
+        try:
+            engine = UpstreamEngineSettings(
+                kind="openai-upstream",
+                url=pool.upstream.url,
+                model=pool.upstream.model,
+                max_in_flight=pool.upstream.max_in_flight,
+                model_path=_upstream_tokenizer_path(pool.name, variant.source),
+            )
+        except ValidationError as error:
+            raise NodeConfigError(_one_line(error, f"pool {pool.name!r}: upstream")) from None
+    elif engine is None:
         model_path = None
         if variant.source and not variant.source.startswith(BUILTIN_SOURCE_PREFIX):
             model_path = variant.source
@@ -329,6 +514,7 @@ def node_config_from_spec(
                 ],
                 default_priority=tenant.default_priority,
                 max_priority=tenant.max_priority,
+                min_quality=tenant.min_quality,
                 quotas=tenant.quotas,
                 allowed_models=tenant.allowed_models,
                 allowed_pools=tenant.allowed_pools,
@@ -343,8 +529,17 @@ def node_config_from_spec(
         "variant": variant.name,
         "engine": engine,
         "price_usd_per_hour": price,
+        "spot": use_spot,
         "tenants": tenants,
         "slo_classes": list(spec.slo_classes),
+        "routing": RoutingSettings(
+            slo_headroom=spec.routing.slo_headroom,
+            prefer_spot=spec.routing.prefer_spot,
+            hop_limit=spec.routing.hop_limit,
+            peer_stale_after_s=spec.routing.peer_stale_after_s,
+            pools=[p.name for p in spec.pools if p.serves.model == model.name],
+            variant_quality={v.name: v.quality for v in model.variants},
+        ),
     }
     data.update(overrides)
     try:

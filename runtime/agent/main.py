@@ -103,6 +103,8 @@ def agent_main(args: argparse.Namespace) -> int:
     )
     try:
         return asyncio.run(serve(config))
+    except NodeConfigError as error:  # e.g. a controller_url without a fleet token
+        return _usage_error(str(error))
     except KeyboardInterrupt:
         return 130
 
@@ -111,7 +113,7 @@ async def serve(config: object) -> int:
     """Serve ``config`` until drained; the process exit code."""
     from aiohttp import web
 
-    from runtime.agent.app import AGENT, DRAINED, begin_drain, init
+    from runtime.agent.app import AGENT, DRAINED, advertise, begin_drain, init
     from runtime.agent.config import NodeConfig
 
     assert isinstance(config, NodeConfig)
@@ -133,6 +135,9 @@ async def serve(config: object) -> int:
         return EXIT_USAGE
     port = _bound_port(site, config.port)
     print(f"fleetform agent {config.node_id}: listening on http://{config.host}:{port}", flush=True)
+    url = advertise(app, port)  # starts the pushes to the controller, if there is one
+    if state.fleet is not None:
+        log.info("advertising %s to the fleet via %s", url, config.controller_url)
 
     loop = asyncio.get_running_loop()
 

@@ -11,8 +11,10 @@ Series (all prefixed ``fleetform_``):
 * counters per tenant: ``prompt_tokens_total``, ``completion_tokens_total``, ``requests_total``
   (also by class and finish reason), ``accelerator_seconds_total``, ``cost_usd_total``;
 * counters by reason: ``rejected_requests_total`` (auth, forbidden, not_found, bad_request,
-  quota_<limit>, overload, queue_full, draining, loading) and ``shed_requests_total`` (overload
-  shedding per class);
+  quota_<limit>, overload, queue_full, draining, loading, fleet_budget, shed, unroutable) and
+  ``shed_requests_total`` (overload shedding per class, by this node or the fleet router);
+* ``routed_requests_total`` by router outcome and target (local or peer), and
+  ``forward_failures_total`` by reason (connect, timeout, status, disconnected);
 * gauges read at scrape time: ``queue_depth`` (waiting), ``running_sequences``,
   ``in_flight_requests``, ``kv_cache_used_bytes``, ``kv_cache_usage_ratio``, ``ready``,
   ``draining``, ``prefill_tokens_per_second``, ``decode_step_seconds``.
@@ -112,6 +114,20 @@ class AgentMetrics:
             "fleetform_shed_requests",
             "Sheddable requests refused because the node could not meet their TTFT objective.",
             ["slo_class"],
+            registry=r,
+        )
+
+        self.routed = Counter(
+            "fleetform_routed_requests",
+            "Fleet routing decisions for requests this agent admitted, by outcome and target "
+            "(local or peer).",
+            ["outcome", "target"],
+            registry=r,
+        )
+        self.forward_failures = Counter(
+            "fleetform_forward_failures",
+            "Forwards to a peer that failed before any output (then tried elsewhere), by reason.",
+            ["reason"],
             registry=r,
         )
 

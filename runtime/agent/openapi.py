@@ -55,10 +55,12 @@ def _errors(components: _Components, *statuses: int) -> dict[str, Any]:
         403: "The tenant may not use this model or pool.",
         404: "Unknown model.",
         413: "Request body larger than the node's limit.",
-        429: "A tenant quota is exceeded (the message names it); see Retry-After.",
+        429: "A tenant quota or monthly budget is exceeded (the message names it; code "
+        "insufficient_quota when the fleet's monthly budget is spent); see Retry-After.",
         500: "Unexpected server error (details are in the server log only).",
-        503: "Model loading, node draining, or overloaded (sheddable request refused); see "
-        "Retry-After.",
+        503: "Model loading, node draining, overloaded (a sheddable request the fleet cannot "
+        "serve in time), no instance able to take the request, or the peers it was forwarded to "
+        "failed; see Retry-After.",
     }
     out: dict[str, Any] = {}
     for status in statuses:
@@ -95,7 +97,30 @@ def _completion_operation(
                 "than the tenant's max_priority is capped to it; the class used is returned in "
                 "X-Fleetform-Priority.",
                 "schema": {"type": "string"},
-            }
+            },
+            {
+                "name": "X-Fleetform-Hops",
+                "in": "header",
+                "required": False,
+                "description": "Between agents only: forwards so far. Needs "
+                "X-Fleetform-Fleet-Token; such a request is not charged to the tenant's quota "
+                "again (its origin charged it).",
+                "schema": {"type": "integer", "minimum": 1},
+            },
+            {
+                "name": "X-Fleetform-Fleet-Token",
+                "in": "header",
+                "required": False,
+                "description": "Between agents only: the fleet token authenticating a forward.",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "X-Fleetform-Tried",
+                "in": "header",
+                "required": False,
+                "description": "Between agents only: comma-separated instances already tried.",
+                "schema": {"type": "string"},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -111,6 +136,11 @@ def _completion_operation(
                         "schema": {"type": "string"},
                     },
                     "X-Request-Id": {"schema": {"type": "string"}},
+                    "X-Fleetform-Served-By": {
+                        "description": "Node that generated the completion (the request may "
+                        "have been forwarded to a peer).",
+                        "schema": {"type": "string"},
+                    },
                 },
                 "content": {
                     **_json(components.ref(response)),

@@ -145,6 +145,7 @@ def init(config: ControllerConfig, *, clock: Callable[[], float] = time.time) ->
             stale_after_s=config.peer_stale_after_s,
             policy=config.lease_policy,
             retarget_s=config.lease_retarget_s,
+            expected_agents=sum(pool.replicas for pool in config.spec.pools),
         ),
         metrics=metrics,
         fleet_token_sha256=config.fleet_token_sha256,

@@ -55,6 +55,8 @@ from runtime.spec import FleetSpec, QuotaSpec
 
 __all__ = ["AgentRecord", "FleetState", "over_budget"]
 
+_RESERVED = "(expected agent "  # names of the shares kept for agents that have not pushed yet
+
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrency")
 
 
@@ -106,6 +108,7 @@ class FleetState:
         stale_after_s: float,
         policy: LeasePolicy | None = None,
         retarget_s: float = 1.0,
+        expected_agents: int = 0,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError("stale_after_s must be positive")
@@ -115,6 +118,12 @@ class FleetState:
         self.stale_after_s = stale_after_s
         self.policy = policy or LeasePolicy()
         self.retarget_s = retarget_s
+        # The fleet the spec plans (its pools' replicas). Until that many agents hold leases,
+        # the split keeps a share for each missing one: otherwise the first agent to push would
+        # be granted the whole quota and the next ones nothing (the caps above keep a newcomer
+        # at zero until the first agent confirms its smaller lease), so a freshly started
+        # fleet would refuse its first requests with 429.
+        self.expected_agents = max(0, expected_agents)
         self.agents: dict[str, AgentRecord] = {}
         self._targets: dict[str, dict[str, Lease]] = {}
         self._targets_at = -math.inf
@@ -188,11 +197,12 @@ class FleetState:
         """Every holder's target share, recomputed when the holders change or the last split
         is ``retarget_s`` old (splitting costs O(holders x tenants) with exact fractions, too
         much to redo on every push of a large fleet)."""
-        members = frozenset(holders)
+        reserved = [f"{_RESERVED}{i})" for i in range(self.expected_agents - len(holders))]
+        members = frozenset(holders) | frozenset(reserved)
         if members != self._targets_for or not 0 <= now - self._targets_at < self.retarget_s:
             recent_use = {
                 (tenant, holder): use
-                for holder in members
+                for holder in holders
                 for tenant, use in self.agents[holder].recent_use.items()
             }
             # Smoothing blends with the previous targets, not with the capped grants: the caps
@@ -203,11 +213,23 @@ class FleetState:
                 members,
                 now=now,
                 policy=self.policy,
-                previous=self._targets,
+                previous=self._previous_with_newcomers_in_reserved_places(members),
             )
             self._targets_at = now
             self._targets_for = members
         return self._targets
+
+    def _previous_with_newcomers_in_reserved_places(
+        self, members: frozenset[str]
+    ) -> dict[str, dict[str, Lease]]:
+        """The last targets, with each agent that just joined taking over the share that was
+        kept for an expected agent (smoothing would otherwise start it from nothing)."""
+        previous = dict(self._targets)
+        vacated = sorted(m for m in previous if m.startswith(_RESERVED) and m not in members)
+        newcomers = sorted(m for m in members if m not in previous)
+        for newcomer, place in zip(newcomers, vacated, strict=False):
+            previous[newcomer] = previous.pop(place)
+        return previous
 
     # ----------------------------------------------------------------------------------------
     # Views

@@ -28,7 +28,15 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 
-__all__ = ["GGUFModel", "LayerWeights", "LlamaConfig", "LlamaWeights", "load_gguf", "read_metadata"]
+__all__ = [
+    "GGUFModel",
+    "LayerWeights",
+    "LlamaConfig",
+    "LlamaWeights",
+    "load_gguf",
+    "read_file_metadata",
+    "read_metadata",
+]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -148,6 +156,12 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {
         name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")
     }
+
+
+def read_file_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of the GGUF at ``path`` (tokenizer, chat template, hyper-parameters) without
+    dequantising any tensor: what a process that only tokenises needs."""
+    return read_metadata(_FastGGUFReader(Path(path)))
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 A :class:`LiveAgent` runs an agent application on an ephemeral 127.0.0.1 port, in a thread with
 its own event loop, so the synchronous ``openai`` client (and raw sockets) can talk to it from the
-test thread. Agents built by :func:`start_agent` share one loaded engine: each gets its own
+test thread (:class:`LiveApp` does the same for any application, e.g. a controller). Agents built by :func:`start_agent` share one loaded engine: each gets its own
 :class:`EngineCore` (scheduler state) over it. That is safe because tests run one at a time and
 leave nothing unfinished; it saves reloading the model (seconds of CPU) for every agent.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.agent.app import AGENT, AgentState
+from runtime.agent.app import AGENT, AgentState, advertise
 from runtime.agent.config import hash_api_key
 
 MODEL = "smollm2-135m"
@@ -93,16 +93,17 @@ def node_config_data(**overrides: Any) -> dict[str, Any]:
     return data
 
 
-class LiveAgent:
-    """An agent application served on 127.0.0.1 from a background event loop."""
+class LiveApp:
+    """An application served on 127.0.0.1 (``port``, default any free one) from a background
+    event loop."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, port: int = 0) -> None:
         self.app = app
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
         self.call(self._start())
 
     async def _start(self) -> None:
@@ -110,20 +111,16 @@ class LiveAgent:
             self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5
         )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    @property
-    def state(self) -> AgentState:
-        return self.app[AGENT]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
-        """Run ``coro`` on the agent's loop and return its result."""
+        """Run ``coro`` on the app's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def on_loop(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
@@ -131,29 +128,6 @@ class LiveAgent:
             return fn()
 
         return self.call(run(), timeout)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.state.backend.ready:
-                return
-            if self.state.backend.load_error:
-                raise RuntimeError(self.state.backend.load_error)
-            time.sleep(0.05)
-        raise TimeoutError("agent did not become ready")
-
-    def wait_idle(self, timeout: float = 30) -> None:
-        """Until no request is in flight and the engine core has nothing unfinished."""
-        end = time.monotonic() + timeout
-        core = self.state.backend.core  # type: ignore[attr-defined]
-        while time.monotonic() < end:
-            if not self.state.in_flight and (core is None or not core.has_unfinished()):
-                return
-            time.sleep(0.02)
-        raise TimeoutError(
-            f"still busy: in_flight={list(self.state.in_flight)}, "
-            f"core unfinished={core.has_unfinished() if core else None}"
-        )
 
     def request(
         self,
@@ -188,17 +162,52 @@ class LiveAgent:
             decoded = raw.decode("utf-8", "replace")
         return response.status, response_headers, decoded
 
-    def metrics_text(self) -> str:
-        status, _, text = self.request("GET", "/metrics")
-        assert status == 200
-        return str(text)
-
     def stop(self) -> None:
         if self.runner is not None:
             self.call(self.runner.cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+class LiveAgent(LiveApp):
+    """An agent application served on 127.0.0.1 from a background event loop."""
+
+    async def _start(self) -> None:
+        await super()._start()
+        advertise(self.app, self.port)  # as `fleetform agent` does once bound
+
+    @property
+    def state(self) -> AgentState:
+        return self.app[AGENT]
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.state.backend.ready:
+                return
+            if self.state.backend.load_error:
+                raise RuntimeError(self.state.backend.load_error)
+            time.sleep(0.05)
+        raise TimeoutError("agent did not become ready")
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until no request is in flight and the engine core has nothing unfinished."""
+        end = time.monotonic() + timeout
+        core = self.state.backend.core  # type: ignore[attr-defined]
+        while time.monotonic() < end:
+            if not self.state.in_flight and (core is None or not core.has_unfinished()):
+                return
+            time.sleep(0.02)
+        raise TimeoutError(
+            f"still busy: in_flight={list(self.state.in_flight)}, "
+            f"core unfinished={core.has_unfinished() if core else None}"
+        )
+
+    def metrics_text(self) -> str:
+        status, _, text = self.request("GET", "/metrics")
+        assert status == 200
+        return str(text)
 
 
 def openai_client(agent: LiveAgent, tenant: str = "demo", key: str | None = None) -> Any:

@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from runtime.agent.config import (
+    EngineSettings,
     NodeConfig,
     NodeConfigError,
+    UpstreamEngineSettings,
     hash_api_key,
     load_node_config,
     node_config_from_spec,
@@ -122,18 +124,121 @@ def test_spot_pools_are_priced_at_the_spot_price() -> None:
     assert base.price_usd_per_hour == record.on_demand_usd_per_hour
 
 
-def test_unknown_pool_and_unsupported_engine() -> None:
+def test_unknown_pool() -> None:
     with pytest.raises(
         NodeConfigError, match="no pool named 'nope' \\(known: local-cheap, local-dear\\)"
     ):
         node_config_from_spec(spec(), "nope", "n", 0, environ=ENV)
 
-    def upstream(data: dict[str, Any]) -> None:
-        data["pools"][0]["engine"] = "openai-upstream"
-        data["pools"][0]["upstream"] = {"url": "http://127.0.0.1:9/v1", "model": "m"}
 
-    with pytest.raises(NodeConfigError, match="engine 'openai-upstream' is not supported"):
-        node_config_from_spec(spec(upstream), "local-cheap", "n", 0, environ=ENV)
+def upstream_pool(source: str | None, **upstream: Any) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        data["pools"][0]["engine"] = "openai-upstream"
+        data["pools"][0]["upstream"] = {"url": "http://10.0.0.7:8000/v1/", "model": "m", **upstream}
+        data["models"][0]["variants"][0]["source"] = source
+
+    return mutate
+
+
+def test_openai_upstream_pools_get_upstream_engine_settings() -> None:
+    fleet = spec(upstream_pool("builtin:smollm2-135m-instruct", max_in_flight=6))
+    config = node_config_from_spec(fleet, "local-cheap", "n", 0, environ=ENV)
+    engine = config.engine
+    assert isinstance(engine, UpstreamEngineSettings)
+    assert (engine.kind, engine.url, engine.model, engine.max_in_flight) == (
+        "openai-upstream",
+        "http://10.0.0.7:8000/v1",  # trailing slash dropped: paths are appended to it
+        "m",
+        6,
+    )
+    # The builtin model's GGUF gives the tokenizer; a model id of the upstream gives none.
+    assert engine.model_path is not None and engine.model_path.endswith(".gguf")
+    other = node_config_from_spec(
+        spec(upstream_pool("org/served-model")), "local-cheap", "n", 0, environ=ENV
+    )
+    assert other.engine.model_path is None
+    gguf = node_config_from_spec(
+        spec(upstream_pool("/models/m.Q4.gguf")), "local-cheap", "n", 0, environ=ENV
+    )
+    assert gguf.engine.model_path == "/models/m.Q4.gguf"
+    # The embedded pool of the same fleet is unchanged, and the config survives JSON.
+    assert isinstance(
+        node_config_from_spec(fleet, "local-dear", "n", 0, environ=ENV).engine, EngineSettings
+    )
+    assert parse_node_config(json.loads(config.model_dump_json())) == config
+
+
+def test_an_upstream_url_the_agent_cannot_use_is_one_clear_line() -> None:
+    fleet = spec(upstream_pool(None, url="http://host/v1?x=1"))
+    with pytest.raises(NodeConfigError) as caught:
+        node_config_from_spec(fleet, "local-cheap", "n", 0, environ=ENV)
+    assert str(caught.value) == (
+        "pool 'local-cheap': upstream: url: must not have a query or fragment, e.g. "
+        "http://127.0.0.1:8000/v1 (got 'http://host/v1?x=1')"
+    )
+
+
+UPSTREAM = {"kind": "openai-upstream", "url": "http://127.0.0.1:8000/v1", "model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ({"kind": "vllm"}, "engine: kind must be 'embedded' or 'openai-upstream'"),
+        ({**UPSTREAM, "url": "127.0.0.1:8000"}, "engine.url: must be an http:// or https:// URL"),
+        ({**UPSTREAM, "url": "http://u:pw@h/v1"}, "engine.url: must not hold credentials"),
+        ({**UPSTREAM, "max_in_flight": 0}, "engine.max_in_flight: Input should be greater"),
+        ({**UPSTREAM, "api_key_env": "not a name"}, "engine.api_key_env: String should match"),
+        ({**UPSTREAM, "kv_cache_tokens": 64}, "engine.kv_cache_tokens: Extra inputs are not"),
+        ({"url": "http://h/v1"}, "engine.url: Extra inputs are not permitted"),  # embedded
+        ({k: v for k, v in UPSTREAM.items() if k != "model"}, "engine.model: Field required"),
+    ],
+)
+def test_engine_settings_are_validated(engine: dict[str, Any], message: str) -> None:
+    with pytest.raises(NodeConfigError) as caught:
+        parse_node_config(node_config_data(engine=engine))
+    assert message in str(caught.value)
+    assert "openai-upstream." not in str(caught.value)  # no union tag in the path
+
+
+def test_configs_without_an_engine_kind_are_embedded() -> None:
+    config = parse_node_config(node_config_data(engine={"max_num_seqs": 4}))
+    assert isinstance(config.engine, EngineSettings) and config.engine.max_num_seqs == 4
+    upstream = parse_node_config(node_config_data(engine=UPSTREAM))
+    assert isinstance(upstream.engine, UpstreamEngineSettings)
+    assert upstream.engine.max_in_flight == 32 and upstream.engine.api_key_env is None
+
+
+def test_the_node_config_carries_what_its_router_needs() -> None:
+    def mutate(data: dict[str, Any]) -> None:
+        data["routing"] = {"slo_headroom": 0.6, "hop_limit": 2, "peer_stale_after_s": 5}
+        data["tenants"][0]["min_quality"] = "standard"
+        data["models"].append(
+            {
+                **data["models"][0],
+                "name": "other-model",
+                "variants": [{**data["models"][0]["variants"][0], "quality": "high"}],
+            }
+        )
+        data["pools"].append(
+            {
+                **data["pools"][0],
+                "name": "other-pool",
+                "serves": {"model": "other-model", "variant": "q4-1"},
+            }
+        )
+
+    config = node_config_from_spec(spec(mutate), "local-dear", "n", 0, environ=ENV)
+    routing = config.routing
+    assert (routing.slo_headroom, routing.hop_limit, routing.peer_stale_after_s) == (0.6, 2, 5)
+    assert routing.pools == ["local-cheap", "local-dear"]  # not the pool of another model
+    assert routing.variant_quality == {"q4-1": "standard"}
+    assert {t.name: t.min_quality for t in config.tenants} == {
+        "demo": "standard",
+        "batch-jobs": "low",
+    }
+    assert config.spot is False
+    assert NodeConfig.model_validate_json(config.model_dump_json()) == config
 
 
 def test_overrides_reach_the_node_config() -> None:
@@ -180,6 +285,14 @@ def test_overrides_reach_the_node_config() -> None:
             "exceeds engine.kv_cache_tokens",
         ),
         ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+        (
+            {"routing": {"variant_quality": {"q8": "high"}}},
+            "routing.variant_quality: no quality for variant 'q4-1'",
+        ),
+        (
+            {"push_interval_s": 5, "routing": {"peer_stale_after_s": 5}},
+            "push_interval_s: 5 is not below routing.peer_stale_after_s (5)",
+        ),
     ],
 )
 def test_invalid_node_configs_are_one_line_errors(change: dict[str, Any], message: str) -> None:

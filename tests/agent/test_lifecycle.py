@@ -288,6 +288,14 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
             ),
             "no SLO class 'gold'",
         ),
+        (
+            json.dumps(
+                node_config_data(
+                    controller_url="http://127.0.0.1:9", fleet_token_env="FLEETFORM_NO_SUCH_TOKEN"
+                )
+            ),
+            "controller_url is set but no fleet token is available",
+        ),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(

@@ -14,7 +14,16 @@ from aiohttp import web
 from runtime.agent.admission import ThroughputEstimate
 from runtime.agent.errors import make_error_middleware
 
-from .support import KEYS, MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL, LiveAgent, body_of, openai_client
+from .support import (
+    KEYS,
+    MAX_BODY_BYTES,
+    MAX_MODEL_LEN,
+    MODEL,
+    LiveAgent,
+    LiveApp,
+    body_of,
+    openai_client,
+)
 
 CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 PROMPT: dict[str, Any] = {"model": MODEL, "prompt": "Hi"}
@@ -382,7 +391,7 @@ def test_unexpected_exceptions_become_a_json_500_without_details(
 
     app = web.Application(middlewares=[make_error_middleware()])
     app.router.add_get("/broken", broken)
-    live = LiveAgent(app)
+    live = LiveApp(app)
     try:
         with caplog.at_level(logging.ERROR, logger="fleetform.agent"):
             status, _, body = live.request("GET", "/broken")

@@ -193,3 +193,26 @@ def test_budgets_are_spent_when_reached() -> None:
     month["alpha"] = UsageTotals(usd=5.0)
     month["beta"] = UsageTotals(accelerator_seconds=3600.0)
     assert over_budget(spec, month, 20.0) == (["alpha", "beta"], True)
+
+
+def test_a_planned_fleet_starts_with_every_agent_able_to_serve() -> None:
+    # Without a plan the first agent to push is granted the whole quota and a second agent
+    # that joins a moment later gets nothing until the first confirms a smaller lease.
+    unplanned = state()
+    assert exchange(unplanned, "a", 0, T0).requests_per_minute == 100
+    assert exchange(unplanned, "b", 0, T0 + 1).requests_per_minute == 0
+
+    # With the spec's planned size, a share is kept for each agent that has not pushed yet.
+    planned = FleetState(
+        {"alpha": QUOTA}, stale_after_s=STALE_S, policy=LeasePolicy(ttl_s=TTL_S), expected_agents=2
+    )
+    first = exchange(planned, "a", 0, T0)
+    second = exchange(planned, "b", 0, T0 + 1)
+    assert first.requests_per_minute == second.requests_per_minute == 50
+    assert first.max_concurrency == second.max_concurrency == 5
+    # A busy first agent still gets most of it, but the newcomer is never locked out.
+    busy = FleetState(
+        {"alpha": QUOTA}, stale_after_s=STALE_S, policy=LeasePolicy(ttl_s=TTL_S), expected_agents=2
+    )
+    assert 50 < exchange(busy, "a", 0, T0, rpm=80).requests_per_minute < 100
+    assert exchange(busy, "b", 0, T0 + 1).requests_per_minute >= 1

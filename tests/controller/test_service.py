@@ -71,7 +71,8 @@ async def test_a_push_is_accepted_once_and_its_retry_is_a_duplicate(tmp_path: Pa
         assert first.fleet[0].last_seen == T0
         assert set(first.leases) == {"alpha", "beta", "gamma"}
         alpha = first.leases["alpha"]
-        assert alpha.requests_per_minute == QUOTAS["alpha"]["requests_per_minute"]
+        # Most of the quota: the spec plans a second agent, which keeps a floor share.
+        assert 0.5 < alpha.requests_per_minute / QUOTAS["alpha"]["requests_per_minute"] < 1
         assert alpha.expires_at is not None and alpha.expires_at > T0
         assert first.leases["gamma"].requests_per_minute is None  # no quota: unlimited
 
