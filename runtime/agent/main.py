@@ -18,9 +18,10 @@ import signal
 import socket
 import sys
 
+from runtime.cli_errors import EXIT_USAGE, usage_error
+
 __all__ = ["agent_main", "configure_parser", "serve"]
 
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 SHUTDOWN_GRACE_S = 10.0  # after the drain, time for handlers to finish writing responses
 
@@ -45,11 +46,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
     )
-
-
-def _usage_error(message: str) -> int:
-    print(f"fleetform agent: error: {str(message).strip().splitlines()[0]}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def _load_config(args: argparse.Namespace) -> object:
@@ -92,7 +88,7 @@ def agent_main(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args)
     except NodeConfigError as error:
-        return _usage_error(str(error))
+        return usage_error("agent", error)
     assert isinstance(config, NodeConfig)
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -104,7 +100,7 @@ def agent_main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(config))
     except NodeConfigError as error:  # e.g. a controller_url without a fleet token
-        return _usage_error(str(error))
+        return usage_error("agent", error)
     except KeyboardInterrupt:
         return 130
 

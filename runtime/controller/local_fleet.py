@@ -365,27 +365,36 @@ class LocalFleet:
 
 
 def wait_for_signal(
-    fleet: LocalFleet, on_exit: Callable[[ManagedProcess], None] | None = None
+    fleet: LocalFleet,
+    on_exit: Callable[[ManagedProcess], None] | None = None,
+    on_repeat: Callable[[int], None] | None = None,
 ) -> int:
-    """Block until SIGINT/SIGTERM; report children that die meanwhile. Returns the signal."""
+    """Block until SIGINT/SIGTERM; report children that die meanwhile. Returns the signal.
+
+    Later SIGINT/SIGTERM are not fatal: the caller is stopping the fleet by then (each agent
+    drains within its own deadline, then is killed), and a second Ctrl-C, or a supervisor
+    that signals the whole process group, must not cut that short and leave the ledger without
+    the agents' last pushes. ``on_repeat`` is told about them until the process exits.
+    """
     received: list[int] = []
     event = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
+        if received:
+            if on_repeat:
+                on_repeat(signum)
+            return
         received.append(signum)
         event.set()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
     reported: set[str] = set()
-    try:
-        while not event.wait(1.0):
-            assert fleet.processes is not None
-            for process in list(fleet.processes.processes.values()):
-                if not process.alive() and process.name not in reported:
-                    reported.add(process.name)
-                    if on_exit:
-                        on_exit(process)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    while not event.wait(1.0):
+        assert fleet.processes is not None
+        for process in list(fleet.processes.processes.values()):
+            if not process.alive() and process.name not in reported:
+                reported.add(process.name)
+                if on_exit:
+                    on_exit(process)
     return received[0]

@@ -19,11 +19,12 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from runtime.cli_errors import usage_error
+
 __all__ = ["ADMIN_TOKEN_ENV", "FLEET_TOKEN_ENV", "configure_parser", "main", "serve"]
 
 FLEET_TOKEN_ENV = "FLEETFORM_FLEET_TOKEN"
 ADMIN_TOKEN_ENV = "FLEETFORM_ADMIN_TOKEN"
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 log = logging.getLogger("fleetform.controller")
@@ -54,12 +55,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _usage_error(message: str) -> int:
-    line = "; ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
-    print(f"fleetform controller: error: {line}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     """Entry point of ``fleetform controller``; returns the exit code."""
     from runtime.controller.config import ControllerConfigError, controller_config_from_spec
@@ -70,13 +65,15 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     fleet_token = environ.get(FLEET_TOKEN_ENV, "")
     admin_token = environ.get(ADMIN_TOKEN_ENV, "")
     if not fleet_token:
-        return _usage_error(f"{FLEET_TOKEN_ENV} is not set (the token agents push with)")
+        return usage_error(
+            "controller", f"{FLEET_TOKEN_ENV} is not set (the token agents push with)"
+        )
     if not admin_token:
-        return _usage_error(f"{ADMIN_TOKEN_ENV} is not set (the token of admin reads)")
+        return usage_error("controller", f"{ADMIN_TOKEN_ENV} is not set (the token of admin reads)")
     try:
         spec = load_stack_file(args.stack)
     except FleetSpecError as error:
-        return _usage_error(str(error))
+        return usage_error("controller", str(error))
     overrides: dict[str, object] = {"host": args.host, "port": args.port, "stack": args.stack}
     if args.stale_after is not None:
         overrides["stale_after_s"] = args.stale_after
@@ -96,12 +93,12 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
             **overrides,
         )
     except ControllerConfigError as error:
-        return _usage_error(str(error))
+        return usage_error("controller", str(error))
     try:
         # Fail now, with one line, rather than from inside the server's startup.
         Ledger(config.db_path).close()
     except LedgerError as error:
-        return _usage_error(str(error))
+        return usage_error("controller", str(error))
     try:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:

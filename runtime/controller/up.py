@@ -114,8 +114,12 @@ def up_main(args: argparse.Namespace) -> int:
             f"[yellow]{process.name} exited with code {code}; see {process.log_path}[/yellow]"
         )
 
-    signum = wait_for_signal(fleet, on_exit)
+    def on_repeat(signum: int) -> None:
+        err.print(f"signal {signum} again: already stopping (agents drain, then are killed)")
+
+    signum = wait_for_signal(fleet, on_exit, on_repeat)
     err.print(f"received signal {signum}: draining agents, then stopping the controller ...")
+    # The handler stays installed until the process exits: repeats only print a note.
     codes = fleet.stop()
     failed = {name: code for name, code in codes.items() if code not in (0, None)}
     if failed:

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.cli_errors import usage_error
 from runtime.costmodel import CpuAssumption
 from runtime.engine.base import SamplingParams, SeqInput, StepInput
-from runtime.engine.commands import usage_error
 from runtime.engine.core import CompletionOutput, EngineCore
 from runtime.engine.model_files import ModelNotFoundError, resolve_model_path
 from runtime.engine.numpy_engine import NumpyEngine
@@ -565,11 +565,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.requests is not None and args.requests < 1:
-        return usage_error("--requests must be >= 1")
+        return usage_error("bench engine", "--requests must be >= 1")
     if args.prompt_scale <= 0 or args.output_scale <= 0:
-        return usage_error("--prompt-scale/--output-scale must be > 0")
+        return usage_error("bench engine", "--prompt-scale/--output-scale must be > 0")
     if not Path(args.trace).is_file():
-        return usage_error(f"trace file {str(args.trace)!r} not found (pass --trace PATH)")
+        return usage_error(
+            "bench engine", f"trace file {str(args.trace)!r} not found (pass --trace PATH)"
+        )
     cfg = BenchConfig(
         streams=tuple(args.streams),
         requests=args.requests,
@@ -587,12 +589,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         report = run_bench(cfg, progress)
     except (ModelNotFoundError, ValueError) as exc:
-        return usage_error(str(exc))
+        return usage_error("bench engine", str(exc))
     if args.calibration_out is not None:
         try:
             cpu_calibration(report).save(args.calibration_out)
         except (ValueError, OSError) as exc:
-            return usage_error(f"--calibration-out: {exc}")
+            return usage_error("bench engine", f"--calibration-out: {exc}")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

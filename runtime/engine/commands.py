@@ -13,22 +13,14 @@ import json
 import sys
 from typing import Any
 
+from runtime.cli_errors import usage_error
+
 __all__ = [
     "bench_engine_main",
     "configure_bench_engine_parser",
     "configure_generate_parser",
     "generate_main",
-    "usage_error",
 ]
-
-EXIT_USAGE = 2
-
-
-def usage_error(message: str) -> int:
-    """Print the first line of ``message`` as a CLI error and return the usage exit code."""
-    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
-    print(f"fleetform: error: {first_line}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def configure_generate_parser(p: argparse.ArgumentParser) -> None:
@@ -85,7 +77,7 @@ def generate_main(args: argparse.Namespace) -> int:
         )
         model_path = resolve_model_path(args.model_path)
     except (ValueError, ModelNotFoundError) as exc:
-        return usage_error(str(exc))
+        return usage_error("generate", exc)
 
     from runtime.engine.core import EngineCore
     from runtime.engine.numpy_engine import NumpyEngine
@@ -105,7 +97,7 @@ def generate_main(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             last = out
     except (ValueError, ModelNotFoundError, OSError) as exc:
-        return usage_error(str(exc))
+        return usage_error("generate", exc)
     except KeyboardInterrupt:
         return 130
     assert last is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import select
@@ -142,8 +143,22 @@ def test_fleetform_up_serves_and_stops_cleanly(
         assert completion.usage is not None and completion.usage.completion_tokens > 0
         assert completion.choices[0].message.content
 
+        # A request in flight while Ctrl-C is pressed twice (or a supervisor signals the group
+        # again): the drain lets it finish, and the second signal does not cut the stop short.
+        in_flight = concurrent.futures.ThreadPoolExecutor(1).submit(
+            openai.OpenAI(max_retries=0, timeout=120).completions.create,
+            model=MODEL,
+            prompt="Count: one, two,",
+            max_tokens=60,
+            extra_body={"ignore_eos": True},
+        )
+        time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        assert in_flight.result(timeout=120).usage.completion_tokens == 60
         assert process.wait(timeout=120) == 0, (tmp_path / "up.log").read_text()
+        assert "already stopping" in (tmp_path / "up.log").read_text()
         urls = [summary["controller"], *(agent["url"] for agent in summary["agents"])]
         assert not [url for url in urls if answers(url)]
     finally:
