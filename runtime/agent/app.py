@@ -373,7 +373,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "failed", "detail": backend.load_error}, status=503)
     if not backend.ready:
         return web.json_response(
-            {"status": "loading", "detail": "the model is loading"},
+            {"status": "loading", "detail": backend.not_ready_reason or "not ready"},
             status=503,
             headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
         )
@@ -887,7 +887,8 @@ async def _admit(
             reason="draining",
         )
     if not backend.ready:
-        detail = backend.load_error or "the model is loading"
+        # An upstream backend says why (unreachable, model not listed), not just "loading".
+        detail = backend.load_error or backend.not_ready_reason or "not ready"
         raise APIError(
             503,
             f"{detail}; retry shortly",

@@ -159,6 +159,11 @@ class ServingBackend(Protocol):
     @property
     def load_error(self) -> str | None: ...
     @property
+    def not_ready_reason(self) -> str | None:
+        """Why the backend cannot serve yet (None when ready), for /readyz and 503s."""
+        ...
+
+    @property
     def max_model_len(self) -> int: ...
     @property
     def vocab_size(self) -> int | None: ...
@@ -328,6 +333,10 @@ class EngineCoreBackend:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        return None if self.ready else "the model is loading"
 
     @property
     def max_model_len(self) -> int:

@@ -456,6 +456,7 @@ def test_an_unreachable_upstream_means_not_ready_and_clean_errors(
     assert not backend.ready and backend.load_error is None  # keeps probing; not fatal
     status, _, body = front.request("GET", "/readyz")
     assert status == 503 and body["status"] == "loading"
+    assert "unreachable" in body["detail"]  # the reason, not "the model is loading"
     status, headers, body = front.request(
         "POST",
         "/v1/chat/completions",
@@ -463,6 +464,7 @@ def test_an_unreachable_upstream_means_not_ready_and_clean_errors(
         key=KEYS["demo"],
     )
     assert_clean_error(status, body)
+    assert "unreachable" in body["error"]["message"]
     assert "retry-after" in headers
 
 
