@@ -45,6 +45,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
+    "admission_order",
 ]
 
 
@@ -224,6 +225,15 @@ class SchedulerConfig:
                 raise ValueError(f"{name}: must be an integer >= 1 (got {value!r})")
 
 
+def admission_order(
+    priority: int, deadline: float | None, arrival: float, tiebreak: int
+) -> tuple[int, float, float, int]:
+    """The sort key of waiting work: priority class (lower first), then deadline (none last),
+    then arrival, then ``tiebreak`` (submission order). Shared by every queue that orders
+    requests (this scheduler, the agent's upstream queue), so they cannot drift apart."""
+    return (priority, math.inf if deadline is None else deadline, arrival, tiebreak)
+
+
 class _Seq:
     __slots__ = (
         "admit_no",
@@ -239,8 +249,8 @@ class _Seq:
     def __init__(self, req: Request, arrival_no: int) -> None:
         self.req = req
         self.arrival_no = arrival_no
-        deadline = req.deadline if req.deadline is not None else math.inf
-        self.key = (req.priority, deadline, req.arrival_time, arrival_no)
+        assert req.arrival_time is not None  # set by Scheduler.add_request
+        self.key = admission_order(req.priority, req.deadline, req.arrival_time, arrival_no)
         self.status = RequestStatus.WAITING
         self.output: list[int] = []
         self.num_computed = 0

@@ -79,6 +79,7 @@ from runtime.agent.backend import (
 )
 from runtime.agent.config import UpstreamEngineSettings
 from runtime.engine.base import SamplingParams
+from runtime.scheduler import admission_order
 
 __all__ = [
     "PromptTokens",
@@ -115,8 +116,8 @@ class UpstreamQueue(Generic[_T]):
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[tuple[float, float, float, int], str]] = []
-        self._entries: dict[str, tuple[tuple[float, float, float, int], _T]] = {}
+        self._heap: list[tuple[tuple[int, float, float, int], str]] = []
+        self._entries: dict[str, tuple[tuple[int, float, float, int], _T]] = {}
         self._submitted = itertools.count()
 
     def push(
@@ -124,12 +125,7 @@ class UpstreamQueue(Generic[_T]):
     ) -> None:
         if key in self._entries:
             raise ValueError(f"request_id: {key!r} is already queued")
-        order = (
-            float(priority),
-            math.inf if deadline is None else deadline,
-            arrival,
-            next(self._submitted),
-        )
+        order = admission_order(priority, deadline, arrival, next(self._submitted))
         self._entries[key] = (order, item)
         heapq.heappush(self._heap, (order, key))
 
