@@ -338,6 +338,18 @@ class AutoscalingSpec(_Strict):
     scale_down_cooldown_s: float = Field(default=300.0, ge=0)
     max_step: int = Field(default=4, gt=0, description="Most replicas added per pool per period.")
     spot_overprovision: int = Field(default=0, ge=0)
+    spot_retry_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="After a spot pool loses capacity, how long its share stays on the "
+        "on-demand fallback before spot is tried again.",
+    )
+    slo_floor: float = Field(
+        default=0.99,
+        gt=0,
+        le=1,
+        description="SLO attainment below which a pool with queued work gets a replica more.",
+    )
     forecast: ForecastSpec = Field(default_factory=ForecastSpec)
 
 
