@@ -92,6 +92,44 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _export_terraform(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from runtime.catalog import CatalogLookupError, default_catalog
+    from runtime.cli_errors import usage_error
+    from runtime.spec import FleetSpecError, load_stack_file
+    from runtime.terraform import export_terraform, fleet_reservation
+
+    command = "export terraform"
+    # Terraform loads only *.tf and *.tf.json; any other name would be silently ignored.
+    if args.output and not args.output.endswith(".tf.json"):
+        return usage_error(
+            command, f"-o {args.output}: Terraform reads only *.tf.json files (e.g. fleet.tf.json)"
+        )
+    try:
+        catalog = default_catalog()
+        spec = load_stack_file(args.stack, catalog=catalog)
+        document = export_terraform(spec, catalog, source=args.stack)
+    except (FleetSpecError, CatalogLookupError) as error:
+        return usage_error(command, error)
+    text = json.dumps(document, indent=2) + "\n"
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as error:
+        return usage_error(command, f"-o {args.output}: cannot write: {error.strerror}")
+    reserved = fleet_reservation(spec, catalog)
+    print(
+        f"wrote {args.output}: {len(spec.pools)} pools, {len(spec.tenants)} tenants, "
+        f"{len(document.get('check', {}))} checks; "
+        f"{reserved.fleet_usd_per_month:,.2f} USD/month at the stack's replica counts",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _lazy(module: str, function: str) -> Handler:
     """A handler that imports its module only when the sub-command runs."""
 
@@ -175,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate stack files")
     validate.add_argument("stacks", nargs="+", metavar="STACK")
     validate.set_defaults(handler=_validate)
+
+    export = commands.add_parser(
+        "export",
+        help="write the fleet in another tool's format (terraform)",
+        description="Export the fleet declared in a stack file for other tools.",
+    )
+    targets = export.add_subparsers(dest="target", metavar="TARGET", required=True)
+    export_tf = targets.add_parser(
+        "terraform",
+        help="a *.tf.json of the fleet's inventory with tenant quota and budget checks",
+        description="Write a Terraform JSON configuration, built-in resources only: one "
+        "terraform_data per pool, variables for replica counts, locals computing what each "
+        "tenant is reserved, and check blocks that warn in `terraform plan` when a tenant's "
+        "quota or the fleet budget would be exceeded.",
+    )
+    export_tf.add_argument(
+        "stack", metavar="STACK", help="stack file (e.g. stacks/Pulumi.prod.yaml)"
+    )
+    export_tf.add_argument(
+        "-o", "--output", metavar="OUT.tf.json", help="file to write (default: standard output)"
+    )
+    export_tf.set_defaults(handler=_export_terraform)
 
     _add_engine_commands(commands)
     _add_agent_command(commands)
