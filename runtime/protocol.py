@@ -33,6 +33,7 @@ from runtime.routing import InstanceView
 
 __all__ = [
     "PUSH_PATH",
+    "ClassCounters",
     "InstanceSnapshot",
     "LeaseGrant",
     "MetricsPush",
@@ -49,6 +50,19 @@ Name = Annotated[str, Field(min_length=1, max_length=128)]
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassCounters(_Wire):
+    """Cumulative counts for one SLO class since the agent process started (``boot_id``).
+
+    Counters, not rates, so a lost push loses nothing: the controller differences successive
+    pushes of the same boot. ``admitted - finished`` is what is in flight now.
+    """
+
+    admitted: NonNegativeInt = 0
+    finished: NonNegativeInt = 0
+    ttft_met: NonNegativeInt = Field(0, description="Finished with TTFT within the class's.")
+    tpot_met: NonNegativeInt = Field(0, description="Finished with mean TPOT within the class's.")
 
 
 class InstanceSnapshot(_Wire):
@@ -72,10 +86,13 @@ class InstanceSnapshot(_Wire):
     queued_requests: dict[int, NonNegativeInt] = Field(default_factory=dict)
     queued_prompt_tokens: dict[int, NonNegativeInt] = Field(default_factory=dict)
     kv_usage: float = Field(0.0, ge=0.0, le=1.0)
+    served: dict[str, ClassCounters] = Field(
+        default_factory=dict, description="Per SLO class, what this node admitted and served."
+    )
 
     def to_view(self, last_seen: float, failed_at: float | None = None) -> InstanceView:
         # Excluding last_seen lets a PeerInstance (which carries its own) convert the same way.
-        fields = self.model_dump(exclude={"last_seen"})
+        fields = self.model_dump(exclude={"last_seen", "served"})
         return InstanceView(**fields, last_seen=last_seen, failed_at=failed_at)
 
 

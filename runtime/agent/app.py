@@ -32,7 +32,8 @@ Drain (SIGTERM in ``fleetform agent``, or ``POST /admin/drain`` with the fleet t
 spot interruption notice): ``/readyz`` turns 503 and the node reports itself unhealthy to the
 fleet, new inference requests get 503 + Retry-After, in-flight ones (forwards to peers included)
 may finish until the deadline and are then aborted, and ``DRAINED`` is set so the process can
-exit.
+exit. With ``spot_notices`` set, a :class:`.spot.SpotWatcher` polls the instance metadata and
+starts the drain itself, with a deadline that ends before the instance is reclaimed.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ from runtime.agent.forward import (
     post_whole,
     usage_comment,
 )
-from runtime.agent.metrics import AgentMetrics, UsageLedger
+from runtime.agent.metrics import AgentMetrics, ServedTally, UsageLedger
 from runtime.agent.push import MetricsPusher, pusher_for_node
+from runtime.agent.spot import SpotNotice, SpotWatcher
 from runtime.engine.base import SamplingParams
 from runtime.protocol import InstanceSnapshot
 from runtime.quota import QuotaBook, QuotaTicket
@@ -128,6 +130,7 @@ class AgentState:
     recent_use: RecentUseMeter
     fleet: FleetLink | None = None  # None: no controller, every request is served here
     pusher: MetricsPusher | None = None
+    spot: SpotWatcher | None = None  # polls for spot interruption notices (spot_notices)
     advertised_url: str | None = None  # where peers reach this agent, once bound
     advertised: asyncio.Event = field(default_factory=asyncio.Event)
     peer_session: aiohttp.ClientSession | None = None
@@ -135,6 +138,7 @@ class AgentState:
     drain_deadline_s: float = 0.0
     drain_task: asyncio.Task[None] | None = None
     in_flight: dict[str, GenerationHandle] = field(default_factory=dict)
+    served: ServedTally = field(default_factory=ServedTally)  # per class, for the autoscaler
     forwards: dict[str, asyncio.Task[Any]] = field(default_factory=dict)  # requests at peers
 
     @property
@@ -211,6 +215,25 @@ def init(
     # shutdown is recorded before the pusher's final flush.
     app.cleanup_ctx.append(_fleet_lifecycle)
     app.cleanup_ctx.append(_backend_lifecycle)
+    if config.spot_notices is not None:
+
+        def drain_for_notice(notice: SpotNotice) -> None:
+            begin_drain(app, notice.drain_deadline_s)
+            # A drain begun earlier (SIGTERM, /admin/drain) may end after the reclaim: bring its
+            # deadline forward.
+            state.drain_deadline_s = min(
+                state.drain_deadline_s, state.clock() + notice.drain_deadline_s
+            )
+
+        state.spot = SpotWatcher(
+            config.spot_notices,
+            on_notice=drain_for_notice,
+            drained=app[DRAINED],  # Azure's event is acknowledged once the drain is over
+            metadata_url=config.metadata_url,
+            poll_interval_s=config.spot_poll_interval_s,
+            max_drain_s=config.drain_timeout_s,
+        )
+        app.cleanup_ctx.append(state.spot.lifecycle)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
@@ -276,6 +299,7 @@ def _live_snapshot(state: AgentState) -> InstanceSnapshot:
         stats=backend.stats(),
         throughput=backend.throughput(),
         items=backend.work_items(),
+        served=state.served,
         max_batch=backend.max_num_seqs,
     )
 
@@ -698,6 +722,7 @@ async def _serve_here(
             503, str(error), code="unavailable", retry_after=LOADING_RETRY_AFTER_S, reason="loading"
         ) from None
     state.in_flight[admitted.request_id] = handle
+    state.served.admitted(admitted.slo.name)
     headers = {
         "X-Request-Id": admitted.request_id,
         EFFECTIVE_PRIORITY_HEADER: admitted.slo.name,
@@ -755,6 +780,14 @@ def _on_done(state: AgentState, admitted: _Admitted) -> Callable[[GenerationResu
         m.accelerator_seconds.labels(tenant).inc(result.accelerator_seconds)
         m.cost_usd.labels(tenant).inc(usd)
         m.requests.labels(tenant, slo_class, result.finish_reason).inc()
+        gaps = result.inter_token_s
+        state.served.finished(
+            slo_class,
+            ttft_s=result.ttft_s,
+            tpot_s=sum(gaps) / len(gaps) if gaps else None,
+            ttft_target_s=admitted.slo.ttft_ms / 1000.0,
+            tpot_target_s=admitted.slo.tpot_ms / 1000.0,
+        )
         if result.queue_s is not None:
             m.queue_time.labels(slo_class).observe(result.queue_s)
         if result.ttft_s is not None:

@@ -265,6 +265,22 @@ class NodeConfig(_Strict):
         "routes). Unset: admin routes are disabled; SIGTERM still drains.",
     )
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    spot_notices: Literal["aws", "gcp", "azure"] | None = Field(
+        default=None,
+        description="Cloud whose instance metadata is polled for spot interruption notices; a "
+        "notice drains the node before the instance is reclaimed (runtime.agent.spot). Unset: "
+        "not polled.",
+    )
+    metadata_url: str = Field(
+        default="http://169.254.169.254",
+        pattern=r"^https?://",
+        description="Base URL of the instance metadata service (spot_notices).",
+    )
+    spot_poll_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds between spot notice polls; default 5 on aws, 1 on gcp and azure.",
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     default_max_tokens: int = Field(
         default=512,

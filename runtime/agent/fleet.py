@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from runtime.agent.admission import ThroughputEstimate, WorkItem
 from runtime.agent.backend import BackendStats
 from runtime.agent.config import NodeConfig, TenantConfig
+from runtime.agent.metrics import ServedTally
 from runtime.leases import fallback_lease
-from runtime.protocol import InstanceSnapshot, PushReply, TenantRecentUse
+from runtime.protocol import ClassCounters, InstanceSnapshot, PushReply, TenantRecentUse
 from runtime.quota import QuotaBook, QuotaLease, QuotaLimitName
 from runtime.routing import ClassPolicy, FleetView, InstanceView, RoutingPolicy
 from runtime.spec import Quality
@@ -86,6 +87,7 @@ def instance_snapshot(
     throughput: ThroughputEstimate,
     items: Sequence[WorkItem],
     max_batch: int,
+    served: ServedTally | None = None,
 ) -> InstanceSnapshot:
     """This node as the router sees it, from the backend's live state.
 
@@ -121,6 +123,10 @@ def instance_snapshot(
         queued_requests=dict(queued_requests),
         queued_prompt_tokens=dict(queued_prompt_tokens),
         kv_usage=min(1.0, max(0.0, stats.kv_usage or 0.0)),
+        served={
+            name: ClassCounters(**dataclasses.asdict(tally))
+            for name, tally in (served.classes.items() if served else ())
+        },
     )
 
 

@@ -4,8 +4,11 @@ This module owns the process around the application: reading the node config (fr
 ``--config node.json``, or cut from a stack with ``--stack FILE --pool NAME``), serving it on
 its host and port, and the shutdown sequence. SIGTERM or SIGINT (or ``POST /admin/drain``)
 starts a drain; when it completes the server stops and the process exits 0. A second signal
-during a drain aborts the in-flight requests at once. A model that fails to load exits 1; a bad
-config exits 2 with one line on stderr.
+during a drain aborts the in-flight requests at once (a drain begun by a spot notice or the
+admin route is not a signal: the OS shutdown that follows a GCP preemption SIGTERMs the agent
+right after the notice, and must not cut the drain short). ``--spot-notices`` polls the cloud's
+instance metadata for spot interruption notices (:mod:`runtime.agent.spot`). A model that fails
+to load exits 1; a bad config exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="override the config's bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="override the config's port (0: any free port)")
     p.add_argument(
+        "--spot-notices",
+        choices=["aws", "gcp", "azure"],
+        help="poll this cloud's instance metadata for spot interruption notices and drain "
+        "before the instance is reclaimed (overrides the config's spot_notices)",
+    )
+    p.add_argument(
+        "--metadata-url",
+        metavar="URL",
+        help="base URL of the instance metadata service (default http://169.254.169.254)",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print the node config as JSON and exit (e.g. --stack ... --print-config > node.json)",
@@ -49,7 +63,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> object:
-    from runtime.agent.config import NodeConfigError, load_node_config, node_config_from_spec
+    from runtime.agent.config import (
+        NodeConfigError,
+        load_node_config,
+        node_config_from_spec,
+        parse_node_config,
+    )
     from runtime.spec import FleetSpecError, load_stack_file
 
     overrides: dict[str, object] = {}
@@ -59,11 +78,18 @@ def _load_config(args: argparse.Namespace) -> object:
         if not 0 <= args.port <= 65535:
             raise NodeConfigError(f"--port: {args.port} is not a port number")
         overrides["port"] = args.port
+    if args.spot_notices is not None:
+        overrides["spot_notices"] = args.spot_notices
+    if args.metadata_url is not None:
+        overrides["metadata_url"] = args.metadata_url
     if args.config is not None:
         if args.pool or args.node_id:
             raise NodeConfigError("--pool and --node-id go with --stack, not --config")
         config = load_node_config(args.config)
-        return config.model_copy(update=overrides) if overrides else config
+        if not overrides:
+            return config
+        # Validated again (model_copy would not): e.g. a --metadata-url that is no URL.
+        return parse_node_config({**config.model_dump(mode="json"), **overrides}, args.config)
     if not args.pool:
         raise NodeConfigError("--stack needs --pool NAME")
     try:
@@ -78,6 +104,7 @@ def _load_config(args: argparse.Namespace) -> object:
         node_id=args.node_id or f"{args.pool}-{socket.gethostname()}",
         port=int(port),  # type: ignore[call-overload]
         host=str(host),
+        **overrides,
     )
 
 
@@ -136,14 +163,20 @@ async def serve(config: object) -> int:
         log.info("advertising %s to the fleet via %s", url, config.controller_url)
 
     loop = asyncio.get_running_loop()
+    signalled = False
 
     def on_signal(signum: int) -> None:
-        if state.draining:
-            log.warning("second %s: aborting in-flight requests now", signal.Signals(signum).name)
+        nonlocal signalled
+        name = signal.Signals(signum).name
+        if signalled:
+            log.warning("second %s: aborting in-flight requests now", name)
             state.drain_deadline_s = state.clock()
+        elif state.draining:  # begun by a spot notice or /admin/drain: its deadline stands
+            log.info("%s: already draining", name)
         else:
-            log.info("%s: draining", signal.Signals(signum).name)
+            log.info("%s: draining", name)
             begin_drain(app)
+        signalled = True
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -213,3 +213,43 @@ class UsageLedger:
 
     def of(self, tenant: str) -> TenantUsage:
         return self.tenants.get(tenant, TenantUsage())
+
+
+@dataclass
+class ClassTally:
+    admitted: int = 0
+    finished: int = 0
+    ttft_met: int = 0
+    tpot_met: int = 0
+
+
+@dataclass
+class ServedTally:
+    """Per SLO class: requests admitted here, finished, and how many met TTFT and TPOT.
+
+    Reported cumulatively with every push (``runtime.protocol.ClassCounters``); the
+    controller's autoscaler turns the differences into arrival rates and SLO attainment.
+    """
+
+    classes: dict[str, ClassTally] = field(default_factory=dict)
+
+    def admitted(self, slo_class: str) -> None:
+        self.classes.setdefault(slo_class, ClassTally()).admitted += 1
+
+    def finished(
+        self,
+        slo_class: str,
+        *,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        ttft_target_s: float,
+        tpot_target_s: float,
+    ) -> None:
+        tally = self.classes.setdefault(slo_class, ClassTally())
+        tally.finished += 1
+        # A request that produced no token missed its TTFT; one with a single token has no
+        # inter-token gaps and so met its TPOT trivially.
+        if ttft_s is not None and ttft_s <= ttft_target_s:
+            tally.ttft_met += 1
+        if ttft_s is not None and (tpot_s is None or tpot_s <= tpot_target_s):
+            tally.tpot_met += 1
