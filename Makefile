@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 # Stamps record what has been installed, so repeated `make` calls skip the installs.
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
+# Debian packages the tests drive for real: `cloud-init schema` validates node user data,
+# headless Chromium loads the controller's dashboard. Installed only when missing (needs root
+# or sudo, as on the CI machine).
+SYSTEM_TOOLS := cloud-init chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint format install install-test clean
 
@@ -43,6 +48,12 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 # logits are checked against; they are test-only and not in pyproject so `pip install fleetform`
 # never pulls a multi-GB torch.
 $(TEST_STAMP): pyproject.toml $(RUNTIME_STAMP)
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet 'torch==2.13.0' 'transformers>=4.57' 'accelerate>=1.0'
 	touch $@

@@ -9,6 +9,7 @@ import pytest
 
 from runtime.controller.local_fleet import (
     FleetUpError,
+    LocalApplier,
     LocalFleet,
     LocalProcesses,
     free_port,
@@ -75,3 +76,38 @@ def test_processes_are_stopped_with_sigterm_then_killed(tmp_path: Path) -> None:
     assert codes["polite"] == -15  # SIGTERM
     assert codes["stubborn"] == -9  # SIGKILL after the timeout
     assert procs.processes == {}
+
+
+def test_the_local_applier_starts_and_drains_agents_to_match_each_new_plan(
+    tmp_path: Path,
+) -> None:
+    spec = load_stack_file(LOCAL)
+    fleet = LocalFleet(spec, LOCAL, tmp_path)
+    env, _ = tenant_keys_for_children(spec, {})
+    # Stand-in agents: processes that sleep (a real agent would load the model).
+    fleet.processes = LocalProcesses(
+        tmp_path, env, command=[sys.executable, "-c", "import time; time.sleep(60)"]
+    )
+    fleet._controller_url = "http://127.0.0.1:9"
+    fleet._child_environ = env
+    plans: list[dict[str, object]] = []
+    applier = LocalApplier(fleet, fetch=lambda: plans[-1] if plans else None, drain_timeout_s=5)
+
+    assert applier.poll_once() == []  # no controller answer yet
+    plans.append({"enabled": True, "plan_id": 1, "plan": {}, "requested": {"local-cheap": 2}})
+    assert applier.poll_once() == [
+        "local-cheap: started local-cheap-0 (0 -> 2)",
+        "local-cheap: started local-cheap-1 (0 -> 2)",
+    ]
+    config = (tmp_path / "nodes" / "local-cheap-1.json").read_text()
+    assert '"controller_url": "http://127.0.0.1:9"' in config
+    assert applier.poll_once() == []  # the same plan again: nothing to do
+
+    plans.append({"enabled": True, "plan_id": 2, "plan": {}, "requested": {"local-cheap": 1}})
+    assert applier.poll_once() == ["local-cheap: draining local-cheap-1 (2 -> 1)"]
+    applier.wait_for_drains(timeout_s=10)
+    assert [p.name for p in fleet.processes.agents("local-cheap")] == ["local-cheap-0"]
+    # The next agent gets a fresh name, never a drained one's.
+    plans.append({"enabled": True, "plan_id": 3, "plan": {}, "requested": {"local-cheap": 2}})
+    assert applier.poll_once() == ["local-cheap: started local-cheap-2 (1 -> 2)"]
+    fleet.processes.stop_all(timeout_s=5)

@@ -15,6 +15,10 @@ This module owns the controller's HTTP surface and the wiring of its parts:
     month-to-date budget status.
 ``GET /v1/fleet`` (admin token)
     Every agent the controller still tracks, with its age, freshness and lease accounting.
+``GET /v1/autoscale`` (admin token)
+    The newest scaling plan (desired replicas per pool with reasons), what the applier did
+    with it, and the replicas currently requested; ``fleetform up`` polls it to start and
+    drain local agents.
 ``GET /healthz``, ``GET /metrics``
     Liveness, and Prometheus metrics from a registry of this application's own.
 
@@ -36,7 +40,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,10 +58,19 @@ from pydantic import ValidationError
 
 from runtime.agent.config import hash_api_key
 from runtime.agent.errors import APIError, error_body, param_from_validation_error
+from runtime.autoscale import Autoscaler, ScalingPlan
+from runtime.controller.autoscaling import AppliedPlan, Applier, AutoscaleLoop, PublishOnly
 from runtime.controller.config import ControllerConfig
-from runtime.controller.fleet import FleetState, over_budget
-from runtime.controller.ledger import HOUR_S, Ledger, UsageTotals, month_bounds
-from runtime.protocol import PUSH_PATH, LeaseGrant, MetricsPush, PushReply
+from runtime.controller.fleet import AgentRecord, FleetState, over_budget
+from runtime.controller.ledger import (
+    HOUR_S,
+    Ledger,
+    PoolSample,
+    SloSample,
+    UsageTotals,
+    month_bounds,
+)
+from runtime.protocol import PUSH_PATH, ClassCounters, LeaseGrant, MetricsPush, PushReply
 
 __all__ = ["CONTROLLER", "ControllerMetrics", "ControllerState", "init"]
 
@@ -113,6 +126,7 @@ class ControllerState:
     tenant_keys: list[tuple[str, str]]  # (key digest, tenant), every key of every tenant
     executor: ThreadPoolExecutor | None = None
     ledger: Ledger | None = None
+    autoscale: AutoscaleLoop | None = None  # None: autoscaling disabled in the spec
 
     async def db(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run a ledger call on the ledger's thread."""
@@ -130,11 +144,17 @@ class ControllerState:
 CONTROLLER = web.AppKey("controller", ControllerState)
 
 
-def init(config: ControllerConfig, *, clock: Callable[[], float] = time.time) -> web.Application:
+def init(
+    config: ControllerConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    applier: Applier | None = None,
+) -> web.Application:
     """The controller application for ``config``.
 
     ``clock`` gives epoch seconds (lease expiry and ``last_seen`` are sent to agents on it, and
-    usage months are UTC calendar months); tests inject a fake one.
+    usage months are UTC calendar months); tests inject a fake one. ``applier`` carries out the
+    autoscaler's plans (default: publish them at ``GET /v1/autoscale`` for ``fleetform up``).
     """
     metrics = ControllerMetrics()
     state = ControllerState(
@@ -156,17 +176,29 @@ def init(config: ControllerConfig, *, clock: Callable[[], float] = time.time) ->
             for digest in digests
         ],
     )
+    if config.spec.autoscaling.enabled:
+        state.autoscale = AutoscaleLoop(
+            spec=config.spec,
+            autoscaler=Autoscaler.from_spec(config.spec),
+            applier=applier or PublishOnly(),
+            state_path=config.db_path.with_name(config.db_path.name + ".autoscale.json"),
+        )
     metrics.live_agents.set_function(lambda: len(state.fleet.fresh_agents(state.clock())))
     metrics.lease_holders.set_function(lambda: len(state.fleet.lease_holders(state.clock())))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONTROLLER] = state
     app.cleanup_ctx.append(_ledger_lifecycle)
     app.cleanup_ctx.append(_sweeper_lifecycle)
+    app.cleanup_ctx.append(_autoscale_lifecycle)
     app.router.add_post(PUSH_PATH, push)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/fleet", fleet)
+    app.router.add_get("/v1/autoscale", autoscale_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
+    from runtime.controller.dashboard import add_dashboard_routes  # imports this module
+
+    add_dashboard_routes(app)
     return app
 
 
@@ -225,6 +257,87 @@ async def _sweep_forever(state: ControllerState) -> None:
         except Exception:
             # Housekeeping must not die of one bad round; the next one tries again.
             log.exception("controller sweep failed")
+
+
+async def _autoscale_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[CONTROLLER]
+    if state.autoscale is None:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(_autoscale_forever(state, state.autoscale))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _autoscale_forever(state: ControllerState, loop: AutoscaleLoop) -> None:
+    """Every period: read the month's spend, plan, apply (in a worker thread: the Pulumi
+    applier blocks for minutes), record the plan in the ledger."""
+    period = state.config.spec.autoscaling.period_s
+    while True:
+        await asyncio.sleep(period)
+        try:
+            now = state.clock()
+            ledger = state.require_ledger()
+            month = await state.db(ledger.month_totals, now)
+            fleet_usd = sum(t.usd for t in month.values())
+            tenants, _ = over_budget(state.config.spec, month, fleet_usd)
+            agents = state.fleet.fresh_agents(now)
+            plan, outcome = await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    loop.step, now, agents, month_usd=fleet_usd, over_budget_tenants=tenants
+                ),
+            )
+            slo = dict(loop.collector.class_deltas)
+            await state.db(_record_plan, ledger, plan, outcome, agents, slo)
+        except Exception:
+            # One failed period (a ledger hiccup, an applier bug) must not end autoscaling.
+            log.exception("autoscaling period failed")
+
+
+def _record_plan(
+    ledger: Ledger,
+    plan: ScalingPlan,
+    outcome: AppliedPlan,
+    agents: list[AgentRecord],
+    slo: Mapping[str, ClassCounters],
+) -> None:
+    """Samples for the dashboard: replicas, queues and SLO counts per period; decisions."""
+    samples: dict[str, PoolSample] = {}
+    for name, decision in plan.decisions.items():
+        members = [a.instance for a in agents if a.instance.pool == name]
+        samples[name] = PoolSample(
+            replicas=sum(1 for i in members if i.healthy),
+            desired=decision.desired,
+            queued=sum(sum(i.queued_requests.values()) for i in members),
+            running=sum(i.running for i in members),
+        )
+    ledger.record_pool_samples(plan.at, samples)
+    ledger.record_slo_samples(
+        plan.at,
+        {
+            name: SloSample(
+                ttft_met=c.ttft_met,
+                ttft_total=c.finished,
+                tpot_met=c.tpot_met,
+                tpot_total=c.finished,
+            )
+            for name, c in slo.items()
+            if c.finished
+        },
+    )
+    for decision in plan.changes():
+        ledger.record_decision(
+            plan.at,
+            decision.pool,
+            decision.current,
+            decision.desired,
+            decision.reasons,
+            applied=outcome.applied,
+            error=outcome.error,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +653,15 @@ async def fleet(request: web.Request) -> web.Response:
             "agents": agents,
         }
     )
+
+
+async def autoscale_status(request: web.Request) -> web.Response:
+    state = request.app[CONTROLLER]
+    if not _matches(_presented_digest(request), state.admin_token_sha256):
+        raise _unauthorized("admin token")
+    if state.autoscale is None:
+        return web.json_response({"enabled": False})
+    return web.json_response({"enabled": True, **state.autoscale.latest()})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -5,7 +5,8 @@ accelerator-seconds, USD) per tenant, pool and UTC hour, and the queries budgets
 read. It is synchronous and knows nothing of HTTP; the service calls it from one dedicated
 thread (see :mod:`runtime.controller.app`).
 
-Schema (``PRAGMA user_version`` 1)
+Schema (``PRAGMA user_version`` 2; a version-1 file is migrated forward on open, keeping its
+data: version 2 only adds the three series tables below)
 
 ``pushes(agent_id, boot_id, seq)``
     One row per accepted push: when it arrived, from which instance and pool, how many usage
@@ -19,6 +20,17 @@ Schema (``PRAGMA user_version`` 1)
 ``usage_monthly(tenant, month)``
     The same totals per tenant and UTC calendar month (the month's start, epoch seconds), kept
     so that budget checks on every push read a handful of rows instead of a month of hours.
+``pool_samples(at, pool)`` (version 2)
+    Each pool's replicas (ready), desired replicas, queued and running requests at ``at``
+    (epoch seconds), as the controller samples them for the dashboard.
+``slo_samples(at, slo_class)`` (version 2)
+    Per SLO class, how many requests met their TTFT and TPOT objectives out of how many were
+    measured, over the sampling period ending at ``at``.
+``scaling_decisions(id)`` (version 2)
+    The autoscaler's decisions per pool: current and desired replicas, the reasons, and whether
+    the decision was applied or the error that stopped it.
+
+The series tables are pruned by age (:meth:`Ledger.prune_samples`); usage totals never are.
 
 A push's row and all its usage go in one ``BEGIN IMMEDIATE`` transaction, so a push is either
 counted whole or not at all, and a retried push is never counted twice. The database runs in
@@ -28,8 +40,10 @@ the agent drops usage once the controller has acknowledged it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +55,9 @@ __all__ = [
     "HOUR_S",
     "Ledger",
     "LedgerError",
+    "PoolSample",
+    "ScalingDecision",
+    "SloSample",
     "UsageRow",
     "UsageTotals",
     "hour_start",
@@ -48,10 +65,12 @@ __all__ = [
 ]
 
 HOUR_S = 3600
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GroupBy = Literal["hour", "pool"]
 
-_SCHEMA = """
+# Version 1, as first shipped. ``IF NOT EXISTS`` because before version 2 this script ran on
+# every open; a file at version 0 is new (or empty).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pushes (
     agent_id TEXT NOT NULL,
     boot_id TEXT NOT NULL,
@@ -87,6 +106,44 @@ CREATE TABLE IF NOT EXISTS usage_monthly (
     PRIMARY KEY (month, tenant)
 ) WITHOUT ROWID;
 """
+
+# Version 2: the dashboard's series. Keyed by time first, so a window is one range scan and the
+# age prune deletes from the front of the tree.
+_SCHEMA_V2 = """
+CREATE TABLE pool_samples (
+    at REAL NOT NULL,
+    pool TEXT NOT NULL,
+    replicas INTEGER NOT NULL,
+    desired INTEGER NOT NULL,
+    queued INTEGER NOT NULL,
+    running INTEGER NOT NULL,
+    PRIMARY KEY (at, pool)
+) WITHOUT ROWID;
+CREATE TABLE slo_samples (
+    at REAL NOT NULL,
+    slo_class TEXT NOT NULL,
+    ttft_met INTEGER NOT NULL,
+    ttft_total INTEGER NOT NULL,
+    tpot_met INTEGER NOT NULL,
+    tpot_total INTEGER NOT NULL,
+    PRIMARY KEY (at, slo_class)
+) WITHOUT ROWID;
+CREATE TABLE scaling_decisions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    pool TEXT NOT NULL,
+    current INTEGER NOT NULL,
+    desired INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    applied INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX scaling_decisions_at ON scaling_decisions (at);
+"""
+
+# _MIGRATIONS[n] takes a ledger file from version n to version n + 1.
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _COLUMNS = "requests, prompt_tokens, completion_tokens, accelerator_seconds, usd"
 _ADD_ON_CONFLICT = ", ".join(f"{c} = {c} + excluded.{c}" for c in _COLUMNS.split(", "))
@@ -134,6 +191,61 @@ class UsageRow:
     hour: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSample:
+    """One pool at one instant: replicas ready and desired, requests queued and running."""
+
+    replicas: int
+    desired: int
+    queued: int
+    running: int
+
+    def __post_init__(self) -> None:
+        _require_counts(self, ("replicas", "desired", "queued", "running"))
+
+
+@dataclass(frozen=True, slots=True)
+class SloSample:
+    """One SLO class over one sampling period: requests that met the TTFT and TPOT objectives
+    out of those measured."""
+
+    ttft_met: int
+    ttft_total: int
+    tpot_met: int
+    tpot_total: int
+
+    def __post_init__(self) -> None:
+        _require_counts(self, ("ttft_met", "ttft_total", "tpot_met", "tpot_total"))
+        if self.ttft_met > self.ttft_total or self.tpot_met > self.tpot_total:
+            raise ValueError(f"more requests met the objective than were measured: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingDecision:
+    """One autoscaler decision for one pool, as recorded."""
+
+    at: float
+    pool: str
+    current: int
+    desired: int
+    reasons: tuple[str, ...]
+    applied: bool
+    error: str | None
+
+    def __post_init__(self) -> None:
+        _require_counts(self, ("current", "desired"))
+        if not all(isinstance(reason, str) for reason in self.reasons):
+            raise TypeError(f"reasons must be strings, got {self.reasons!r}")
+
+
+def _require_counts(sample: object, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(sample, name)
+        # bool is an int, but True replicas is a caller's bug, not a count.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 def hour_start(t: float) -> int:
     """Start of the UTC hour holding ``t`` (epoch seconds)."""
     return int(t // HOUR_S) * HOUR_S
@@ -166,19 +278,47 @@ class Ledger:
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{self.path}: cannot switch the ledger to WAL mode ({mode})")
             self._db.execute("PRAGMA synchronous = FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"{self.path}: ledger schema version {version} is newer than this "
-                    f"controller's ({SCHEMA_VERSION})"
-                )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._schema_version() != SCHEMA_VERSION:
+                self._migrate()
         except sqlite3.Error as error:
             self._db.close()
             raise LedgerError(f"{self.path}: not a usable ledger: {error}") from None
         except LedgerError:
             self._db.close()
+            raise
+
+    def _schema_version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path}: ledger schema version {version} is newer than this "
+                f"controller's ({SCHEMA_VERSION})"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION`, one version at a time, in one transaction:
+        a failure leaves the file at its old version with its data, never half-migrated."""
+        with self._transaction():
+            # Read again under the write lock: another process may have migrated meanwhile.
+            for version in range(self._schema_version(), SCHEMA_VERSION):
+                # Statement by statement: executescript() would commit the transaction first.
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back if the body raises."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -262,6 +402,77 @@ class Ledger:
         )
         return cursor.rowcount
 
+    def record_pool_samples(self, at: float, samples: Mapping[str, PoolSample]) -> None:
+        """Record every pool's sample taken at ``at`` (epoch seconds), all or none. A second
+        sample of the same pool at the same instant replaces the first."""
+        rows = [
+            (at, pool, s.replicas, s.desired, s.queued, s.running)
+            for pool, s in sorted(samples.items())
+        ]
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO pool_samples (at, pool, replicas, desired, queued, running) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (at, pool) DO UPDATE SET "
+                "replicas = excluded.replicas, desired = excluded.desired, "
+                "queued = excluded.queued, running = excluded.running",
+                rows,
+            )
+
+    def record_slo_samples(self, at: float, samples: Mapping[str, SloSample]) -> None:
+        """Record every SLO class's counts over the period ending at ``at``, all or none. A
+        second sample of the same class at the same instant replaces the first."""
+        rows = [
+            (at, name, s.ttft_met, s.ttft_total, s.tpot_met, s.tpot_total)
+            for name, s in sorted(samples.items())
+        ]
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO slo_samples (at, slo_class, ttft_met, ttft_total, tpot_met, "
+                "tpot_total) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (at, slo_class) DO UPDATE "
+                "SET ttft_met = excluded.ttft_met, ttft_total = excluded.ttft_total, "
+                "tpot_met = excluded.tpot_met, tpot_total = excluded.tpot_total",
+                rows,
+            )
+
+    def record_decision(
+        self,
+        at: float,
+        pool: str,
+        current: int,
+        desired: int,
+        reasons: Sequence[str],
+        applied: bool,
+        error: str | None,
+    ) -> int:
+        """Record one scaling decision for ``pool``; returns its id (ids grow with each call)."""
+        if isinstance(reasons, str):
+            # A bare string is a sequence of characters; storing it so is never what was meant.
+            raise TypeError("reasons must be a sequence of strings, not one string")
+        decision = ScalingDecision(at, pool, current, desired, tuple(reasons), applied, error)
+        cursor = self._db.execute(
+            "INSERT INTO scaling_decisions (at, pool, current, desired, reasons, applied, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                decision.at,
+                decision.pool,
+                decision.current,
+                decision.desired,
+                json.dumps(decision.reasons),
+                decision.applied,
+                decision.error,
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def prune_samples(self, before: float) -> int:
+        """Forget pool and SLO samples and scaling decisions from before ``before``. Returns the
+        number of rows removed."""
+        removed = 0
+        with self._transaction() as db:
+            for table in ("pool_samples", "slo_samples", "scaling_decisions"):
+                removed += db.execute(f"DELETE FROM {table} WHERE at < ?", (before,)).rowcount
+        return removed
+
     # ----------------------------------------------------------------------------------------
     # Reading
 
@@ -335,6 +546,67 @@ class Ledger:
     def push_count(self) -> int:
         (count,) = self._db.execute("SELECT COUNT(*) FROM pushes").fetchone()
         return int(count)
+
+    def pool_samples(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[tuple[float, str, PoolSample]]:
+        """Pool samples taken in ``[since, until)``, as ``(at, pool, sample)`` in time order
+        (then by pool)."""
+        clause, params = _time_range(since, until)
+        rows = self._db.execute(
+            f"SELECT at, pool, replicas, desired, queued, running FROM pool_samples {clause} "
+            "ORDER BY at, pool",
+            params,
+        ).fetchall()
+        return [(float(r[0]), str(r[1]), PoolSample(*r[2:])) for r in rows]
+
+    def slo_samples(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[tuple[float, str, SloSample]]:
+        """SLO samples taken in ``[since, until)``, as ``(at, slo_class, sample)`` in time
+        order (then by class)."""
+        clause, params = _time_range(since, until)
+        rows = self._db.execute(
+            f"SELECT at, slo_class, ttft_met, ttft_total, tpot_met, tpot_total FROM slo_samples "
+            f"{clause} ORDER BY at, slo_class",
+            params,
+        ).fetchall()
+        return [(float(r[0]), str(r[1]), SloSample(*r[2:])) for r in rows]
+
+    def recent_decisions(self, limit: int = 50) -> list[ScalingDecision]:
+        """The ``limit`` latest scaling decisions, newest first."""
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        rows = self._db.execute(
+            "SELECT at, pool, current, desired, reasons, applied, error FROM scaling_decisions "
+            "ORDER BY at DESC, id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            ScalingDecision(
+                at=float(at),
+                pool=str(pool),
+                current=int(current),
+                desired=int(desired),
+                reasons=tuple(json.loads(reasons)),
+                applied=bool(applied),
+                error=error,
+            )
+            for at, pool, current, desired, reasons, applied, error in rows
+        ]
+
+
+def _time_range(since: float | None, until: float | None) -> tuple[str, list[float]]:
+    """``WHERE`` clause and parameters selecting ``at`` in ``[since, until)``."""
+    where: list[str] = []
+    params: list[float] = []
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("at < ?")
+        params.append(until)
+    return (f"WHERE {' AND '.join(where)}" if where else ""), params
 
 
 def _totals(values: Sequence[object]) -> UsageTotals:

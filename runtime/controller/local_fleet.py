@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -32,15 +33,17 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from runtime.spec import FleetSpec
 
 __all__ = [
     "FleetUpError",
+    "LocalApplier",
     "LocalFleet",
     "LocalProcesses",
     "ManagedProcess",
+    "fetch_plan",
     "free_port",
     "tenant_keys_for_children",
 ]
@@ -221,6 +224,10 @@ class LocalFleet:
     processes: LocalProcesses | None = None
     tenant_keys: dict[str, str] = field(default_factory=dict)
     admin_token: str = ""
+    _controller_url: str = ""
+    _child_environ: dict[str, str] = field(default_factory=dict)
+    _next_port: int | None = None
+    _agent_counts: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
         """Refuse specs this launcher cannot run, before starting anything."""
@@ -235,8 +242,6 @@ class LocalFleet:
 
     def start(self, on_event: Callable[[str, ManagedProcess], None] | None = None) -> None:
         """Write configs and start the controller and every agent (does not wait for ready)."""
-        from runtime.agent.config import NodeConfigError, node_config_from_spec
-
         self.check()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         child_env, self.tenant_keys = tenant_keys_for_children(self.spec, self.environ)
@@ -248,31 +253,13 @@ class LocalFleet:
         self.processes = LocalProcesses(self.run_dir, child_env)
 
         controller_port = self.controller_port or free_port()
-        controller_url = f"http://127.0.0.1:{controller_port}"
+        self._controller_url = f"http://127.0.0.1:{controller_port}"
+        self._child_environ = resolved_environ
+        self._next_port = self.agent_port_base
         configs: list[tuple[str, str, int, Path]] = []
-        next_port = self.agent_port_base
         for pool in self.spec.pools:
-            for index in range(pool.replicas):
-                name = f"{pool.name}-{index}"
-                port = next_port if next_port is not None else free_port()
-                if next_port is not None:
-                    next_port += 1
-                try:
-                    config = node_config_from_spec(
-                        self.spec,
-                        pool.name,
-                        name,
-                        port,
-                        environ=resolved_environ,
-                        controller_url=controller_url,
-                        fleet_token_env=FLEET_TOKEN_ENV,
-                    )
-                except NodeConfigError as error:
-                    raise FleetUpError(str(error)) from None
-                path = self.run_dir / "nodes" / f"{name}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
-                configs.append((name, pool.name, port, path))
+            for _ in range(pool.replicas):
+                configs.append(self._agent_config(pool.name))
 
         controller = self.processes.start(
             "controller",
@@ -296,6 +283,41 @@ class LocalFleet:
             )
             if on_event:
                 on_event("started", agent)
+
+    def _agent_config(self, pool_name: str) -> tuple[str, str, int, Path]:
+        """Name, port and a node config file for the next agent of ``pool_name``."""
+        from runtime.agent.config import NodeConfigError, node_config_from_spec
+
+        index = self._agent_counts.get(pool_name, 0)
+        self._agent_counts[pool_name] = index + 1
+        name = f"{pool_name}-{index}"
+        if self._next_port is not None:
+            port = self._next_port
+            self._next_port += 1
+        else:
+            port = free_port()
+        try:
+            config = node_config_from_spec(
+                self.spec,
+                pool_name,
+                name,
+                port,
+                environ=self._child_environ,
+                controller_url=self._controller_url,
+                fleet_token_env=FLEET_TOKEN_ENV,
+            )
+        except NodeConfigError as error:
+            raise FleetUpError(str(error)) from None
+        path = self.run_dir / "nodes" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return name, pool_name, port, path
+
+    def start_agent(self, pool_name: str) -> ManagedProcess:
+        """One more agent for ``pool_name`` (the local applier's scale-up)."""
+        assert self.processes is not None, "start() first"
+        name, pool, port, path = self._agent_config(pool_name)
+        return self.processes.start(name, "agent", ["agent", "--config", str(path)], port, pool)
 
     def wait_ready(
         self,
@@ -362,6 +384,90 @@ class LocalFleet:
             "admin_token": self.admin_token,
             "run_dir": str(self.run_dir),
         }
+
+
+def fetch_plan(controller_url: str, admin_token: str, timeout_s: float = 5.0) -> dict | None:
+    """``GET /v1/autoscale`` of the controller; None when it cannot be reached."""
+    request = urllib.request.Request(
+        controller_url + "/v1/autoscale", headers={"Authorization": f"Bearer {admin_token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+@dataclass
+class LocalApplier:
+    """Carries out the controller's plans on this machine.
+
+    Each new plan (``GET /v1/autoscale``) gives the replicas every pool should have. A pool
+    with fewer live agents gets new agent processes (they load the model, push to the
+    controller and join routing when ready); a pool with more has its newest agents drained:
+    SIGTERM makes an agent refuse new work, report itself unhealthy so peers stop routing to
+    it, finish what it has and exit. Drains run in threads, so a slow drain never holds up
+    the next plan. The oldest agents are kept, since the address ``fleetform up`` printed is
+    the first agent's.
+    """
+
+    fleet: LocalFleet
+    fetch: Callable[[], Mapping[str, Any] | None]
+    drain_timeout_s: float = 60.0
+    on_event: Callable[[str], None] | None = None
+    last_plan_id: int = 0
+    drains: list[threading.Thread] = field(default_factory=list)
+
+    def poll_once(self) -> list[str]:
+        """Fetch the plan; if it is new, reconcile the processes with it. Returns events."""
+        data = self.fetch()
+        if not data or not data.get("enabled") or data.get("plan") is None:
+            return []
+        if data["plan_id"] == self.last_plan_id:
+            return []
+        self.last_plan_id = data["plan_id"]
+        return self.reconcile(data["requested"])
+
+    def reconcile(self, desired: Mapping[str, int]) -> list[str]:
+        assert self.fleet.processes is not None, "the fleet is not started"
+        events: list[str] = []
+        for pool in self.fleet.spec.pools:
+            want = desired.get(pool.name)
+            if want is None or pool.cloud != "local":
+                continue
+            live = [a for a in self.fleet.processes.agents(pool.name) if a.alive()]
+            for _ in range(want - len(live)):
+                agent = self.fleet.start_agent(pool.name)
+                events.append(f"{pool.name}: started {agent.name} ({len(live)} -> {want})")
+            for agent in live[want:][::-1] if len(live) > want else []:
+                thread = threading.Thread(
+                    target=self.fleet.processes.stop,
+                    args=(agent.name, self.drain_timeout_s),
+                    name=f"drain-{agent.name}",
+                    daemon=True,
+                )
+                thread.start()
+                self.drains.append(thread)
+                events.append(f"{pool.name}: draining {agent.name} ({len(live)} -> {want})")
+        for event in events:
+            if self.on_event:
+                self.on_event(event)
+        self.drains = [t for t in self.drains if t.is_alive()]
+        return events
+
+    def run(self, stop: threading.Event, interval_s: float) -> None:
+        """Poll until ``stop`` is set (meant for a daemon thread of ``fleetform up``)."""
+        while not stop.wait(interval_s):
+            try:
+                self.poll_once()
+            except FleetUpError as error:
+                if self.on_event:
+                    self.on_event(f"scaling failed: {error}")
+
+    def wait_for_drains(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for thread in self.drains:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def wait_for_signal(

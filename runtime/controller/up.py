@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def up_main(args: argparse.Namespace) -> int:
 
     from runtime.controller.local_fleet import (
         FleetUpError,
+        LocalApplier,
         LocalFleet,
         ManagedProcess,
+        fetch_plan,
         wait_for_signal,
     )
     from runtime.spec import load_stack_file
@@ -108,6 +111,21 @@ def up_main(args: argparse.Namespace) -> int:
             print(line, flush=True)
         err.print(f"logs and ledger in {fleet.run_dir}; Ctrl-C drains and stops everything")
 
+    stop_scaling = threading.Event()
+    applier: LocalApplier | None = None
+    if spec.autoscaling.enabled:
+        controller = fleet.processes.processes["controller"] if fleet.processes else None
+        assert controller is not None
+        applier = LocalApplier(
+            fleet,
+            fetch=lambda: fetch_plan(controller.url, fleet.admin_token),
+            on_event=lambda line: err.print(f"autoscale: {line}"),
+        )
+        interval = max(0.5, spec.autoscaling.period_s / 2)
+        threading.Thread(
+            target=applier.run, args=(stop_scaling, interval), name="local-applier", daemon=True
+        ).start()
+
     def on_exit(process: ManagedProcess) -> None:
         code = process.popen.returncode
         err.print(
@@ -119,6 +137,9 @@ def up_main(args: argparse.Namespace) -> int:
 
     signum = wait_for_signal(fleet, on_exit, on_repeat)
     err.print(f"received signal {signum}: draining agents, then stopping the controller ...")
+    stop_scaling.set()
+    if applier is not None:
+        applier.wait_for_drains(timeout_s=60.0)
     # The handler stays installed until the process exits: repeats only print a note.
     codes = fleet.stop()
     failed = {name: code for name, code in codes.items() if code not in (0, None)}
