@@ -4,6 +4,8 @@ Everything comes from stack config, so `pulumi config` and the Automation API (t
 autoscaler) can edit it:
 
 - `fleetform:fleet`: the FleetSpec; `fleetform:replicas`: replica counts set by the autoscaler;
+- `fleetform:terraformState` (+ `terraformOutputs`): Terraform outputs that `"terraform:KEY"`
+  values in `fleetform:network` stand for;
 - `fleetform:network`, `fleetform:agent`, `fleetform:controller`, `fleetform:clusters`: where and
   how the fleet is placed (see components/settings.py);
 - secrets (`pulumi config set --secret`): `fleetToken`, `adminToken`, and every tenant key a
@@ -25,6 +27,7 @@ from components.settings import (
     NETWORK_CONFIG_KEY,
     settings_from_config,
 )
+from components.terraform import network_inputs_from_config, resolve_terraform_references
 from runtime.catalog import default_catalog
 from runtime.plan import fleet_cost
 from runtime.spec import FLEET_CONFIG_KEY, REPLICAS_CONFIG_KEY, fleet_from_stack_config
@@ -41,6 +44,11 @@ for key in (REPLICAS_CONFIG_KEY, NETWORK_CONFIG_KEY, AGENT_CONFIG_KEY, CONTROLLE
     value = _object(key)
     if value:
         stack_config[key] = value
+if NETWORK_CONFIG_KEY in stack_config:
+    # "terraform:KEY" values come from the Terraform state named by fleetform:terraformState.
+    stack_config[NETWORK_CONFIG_KEY] = resolve_terraform_references(
+        stack_config[NETWORK_CONFIG_KEY], network_inputs_from_config()
+    )
 clusters = _object(CLUSTERS_CONFIG_KEY)
 if clusters:
     stack_config[CLUSTERS_CONFIG_KEY] = clusters

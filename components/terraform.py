@@ -172,3 +172,33 @@ def _project_root() -> str:
     except Exception:  # older engines, mocks without settings
         root = None
     return root or str(Path.cwd())
+
+
+TERRAFORM_REFERENCE_PREFIX = "terraform:"
+
+
+def resolve_terraform_references(value: Any, inputs: Mapping[str, pulumi.Input[Any]]) -> Any:
+    """``value`` (e.g. the ``fleetform:network`` object) with every ``"terraform:KEY"`` string
+    replaced by the network input ``KEY`` read from Terraform state (:func:`network_inputs_from_
+    config`), so one stack can place pools of several regions from one Terraform state::
+
+        fleetform:network:
+          fleet_cidrs: terraform:fleet_cidrs
+          aws: {us-east-1: {vpc_id: terraform:vpc_id, subnet_ids: terraform:subnet_ids}}
+
+    A reference to a key the state does not provide raises :class:`TerraformStateError`.
+    """
+    if isinstance(value, str) and value.startswith(TERRAFORM_REFERENCE_PREFIX):
+        key = value.removeprefix(TERRAFORM_REFERENCE_PREFIX)
+        if key not in inputs:
+            known = ", ".join(sorted(inputs)) or "none: fleetform:terraformState is not set"
+            raise TerraformStateError(
+                TERRAFORM_OUTPUTS_KEY,
+                f"{value!r} names no Terraform network input (known: {known})",
+            )
+        return inputs[key]
+    if isinstance(value, Mapping):
+        return {k: resolve_terraform_references(v, inputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_terraform_references(v, inputs) for v in value]
+    return value

@@ -181,3 +181,30 @@ def test_provider_reader_wraps_the_named_sensitive_outputs(
         "vpc_id": (VPC_ID, False),
         "db_password": (DB_PASSWORD, True),
     }
+
+
+def test_network_config_references_resolve_to_the_state_outputs(
+    network_state: Path, pulumi_mocks: Any
+) -> None:
+    from components.settings import parse_network
+    from components.terraform import resolve_terraform_references
+
+    inputs = network_inputs_from_config(
+        {
+            TERRAFORM_STATE_KEY: str(network_state / "terraform.tfstate"),
+            TERRAFORM_OUTPUTS_KEY: MAPPING,
+        }
+    )
+    network = {
+        "fleet_cidrs": "terraform:fleet_cidrs",
+        "aws": {"us-east-1": {"vpc_id": "terraform:vpc_id", "subnet_ids": "terraform:subnet_ids"}},
+    }
+    resolved = resolve_terraform_references(network, inputs)
+    placement = parse_network(resolved)
+    assert resolve(placement.aws["us-east-1"].vpc_id) == (VPC_ID, False)
+    assert resolve(placement.aws["us-east-1"].subnet_ids) == (SUBNET_IDS, False)
+    assert resolve(placement.fleet_cidrs) == ([FLEET_CIDR], False)
+    # Plain values pass through; a key the state does not give is an error naming it.
+    assert resolve_terraform_references({"a": ["x", 1]}, inputs) == {"a": ["x", 1]}
+    with pytest.raises(TerraformStateError, match="'terraform:network' names no Terraform"):
+        resolve_terraform_references({"gcp": "terraform:network"}, inputs)
