@@ -262,6 +262,10 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:  # type:
     engine_commands.configure_bench_engine_parser(engine)
     engine.set_defaults(handler=engine_commands.bench_engine_main)
 
+    variant = commands.add_parser("variant", help="re-encode a GGUF model as q8_0, f16 or q4_0")
+    engine_commands.configure_variant_parser(variant)
+    variant.set_defaults(handler=engine_commands.variant_main)
+
 
 def _add_agent_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     # runtime.agent.main imports only the standard library at module level; aiohttp and the

@@ -1,9 +1,9 @@
 """CLI entry functions for the embedded engine (wired into ``fleetform`` by runtime.cli).
 
-This module owns argument definitions and user-facing output of ``fleetform generate`` and
-``fleetform bench engine``. Errors a user can fix (missing model, bad arguments) print one line on
-stderr and return exit code 2, without a traceback. Heavy imports happen inside the functions so
-``fleetform --help`` stays fast.
+This module owns argument definitions and user-facing output of ``fleetform generate``,
+``fleetform bench engine`` and ``fleetform variant``. Errors a user can fix (missing model, bad
+arguments) print one line on stderr and return exit code 2, without a traceback. Heavy imports
+happen inside the functions so ``fleetform --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ __all__ = [
     "bench_engine_main",
     "configure_bench_engine_parser",
     "configure_generate_parser",
+    "configure_variant_parser",
     "generate_main",
+    "variant_main",
 ]
 
 
@@ -128,3 +130,29 @@ def bench_engine_main(args: argparse.Namespace) -> int:
     from runtime.engine.bench import run_from_args
 
     return run_from_args(args)
+
+
+def configure_variant_parser(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``fleetform variant MODEL --to TYPE -o OUT``."""
+    p.add_argument("model", metavar="MODEL", help="source GGUF file, or 'builtin' (SmolLM2-135M)")
+    # Validated by variant_main rather than argparse `choices`, so a wrong value is one stderr line.
+    p.add_argument(
+        "--to", required=True, metavar="TYPE", help="weight type of the variant: q8_0, f16 or q4_0"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="GGUF file to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
+
+
+def variant_main(args: argparse.Namespace) -> int:
+    """Write a re-encoded copy of a GGUF model and print what changed. Returns the exit code."""
+    from runtime.engine.variant import VariantError, convert_variant
+
+    try:
+        result = convert_variant(args.model, args.output, args.to, force=args.force)
+    except VariantError as exc:
+        return usage_error("variant", exc)
+    except KeyboardInterrupt:  # the partial file is removed by convert_variant
+        return 130
+    print(json.dumps(result.as_json()) if args.json else result.summary())
+    return 0
