@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_commands(commands)
     _add_agent_command(commands)
     _add_controller_commands(commands)
+    _add_simulate_command(commands)
     return parser
 
 
@@ -305,6 +306,33 @@ def _add_controller_commands(commands: argparse._SubParsersAction) -> None:  # t
     )
     up_commands.configure_parser(up)
     up.set_defaults(handler=up_commands.up_main)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from runtime.sim.command import SimulateUsageError, simulate_main
+    from runtime.sim.trace import TraceError
+
+    try:
+        return simulate_main(args)
+    except (SimulateUsageError, TraceError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _add_simulate_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # runtime.sim.command imports only the standard library at module level.
+    from runtime.sim import command as simulate_commands
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="replay a trace against a fleet: cost, SLO attainment, ratio to a lower bound",
+        description="Discrete-event simulation of a fleet serving a trace, driving the same "
+        "scheduler, router, quota and autoscaler code as the live services with a virtual "
+        "clock. Reports cost (USD, USD per million output tokens), SLO attainment per class, "
+        "TTFT percentiles, shed and failed requests, replica-hours per pool, and the ratio to a "
+        "lower bound on cost.",
+    )
+    simulate_commands.configure_parser(simulate)
+    simulate.set_defaults(handler=_simulate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

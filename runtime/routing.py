@@ -55,6 +55,29 @@ Choice
     If none meets it: a non-sheddable class goes to the fastest candidate (lowest predicted
     TTFT + max_tokens x TPOT; then USD, id); a sheddable class is shed, with a Retry-After hint.
     No candidate at all: the decision is `unroutable` with a reason saying why.
+
+Strategies (`routing.strategy`)
+    `cost-aware` is the choice above. `least-loaded` and `round-robin` are the baselines a team
+    gets from a plain load balancer: they keep everything above except how the instance is
+    picked. Candidates are the same (tenant pools, quality, spot eligibility, health, staleness
+    and hops are permissions, not preferences), predictions are made and reported the same way,
+    and a sheddable class is still shed when no candidate meets its SLO, so a comparison between
+    strategies isolates the choice itself. Then `least-loaded` takes the candidate with the
+    fewest requests in flight (running + queued; ties by instance id) and `round-robin` the
+    candidate after the one it chose last for the same model, in instance-id order, wrapping
+    around. Neither looks at price or predicted latency when choosing; the outcome is `routed`
+    when the chosen instance happens to meet the SLO and `fallback` when it does not. Round-robin
+    needs memory: `RoutingPolicy.cursor`, a `RoundRobinCursor` that `route` advances (the only
+    state `route` touches; it is excluded from the policy's equality).
+
+Versions (model rollouts, `runtime.rollout`)
+    A request may carry the `version` (variant) a rollout's traffic split assigned it, and the
+    rollout's stable variant as `fallback_version`. After the candidates are found (every check
+    above is a permission and still applies), only those serving `version` are kept; if there
+    are none, those serving `fallback_version`; if there are none either, all of them, as
+    without a rollout: a rollout never fails a request. Candidates dropped this way are listed
+    as excluded with reason `version: ...`. The variant that actually serves the request is
+    `decision.chosen.variant`, which callers attribute the request's metrics to.
 """
 
 from __future__ import annotations
@@ -69,7 +92,7 @@ from typing import Any
 from runtime.catalog import Catalog
 from runtime.costmodel import PerformanceModel, ReplicaPerformance, Workload, fit, hardware_for
 from runtime.plan import tenant_may_use
-from runtime.spec import FleetSpec, Quality, SloClassSpec
+from runtime.spec import FleetSpec, Quality, RoutingStrategy, SloClassSpec
 
 __all__ = [
     "DEFAULT_PRIOR",
@@ -79,6 +102,7 @@ __all__ = [
     "FleetView",
     "InstancePrior",
     "InstanceView",
+    "RoundRobinCursor",
     "RouteDecision",
     "RouteOutcome",
     "RouteRequest",
@@ -99,6 +123,9 @@ class RouteRequest:
     `slo_class` is the class the agent admitted it under (after the tenant's default and
     ceiling were applied). `hops` is how many times it has been forwarded already;
     `exclude` names instances already tried for it (a failed forward is retried elsewhere).
+    `version` is the variant a model rollout assigned the request (by
+    `runtime.rollout.choose_version`) and `fallback_version` the rollout's stable variant; see
+    "Versions" in the module docstring.
     """
 
     model: str
@@ -109,6 +136,8 @@ class RouteRequest:
     request_id: str = ""
     hops: int = 0
     exclude: frozenset[str] = frozenset()
+    version: str | None = None
+    fallback_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.max_tokens < 1 or self.hops < 0:
@@ -237,11 +266,36 @@ class ClassPolicy:
         )
 
 
+class RoundRobinCursor:
+    """Where round-robin routing stands: the instance it chose last, per model.
+
+    Keyed by instance id rather than by position, so instances joining or leaving the view do
+    not make the rotation skip or repeat the others.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: dict[str, str] = {}
+
+    def next_after(self, model: str, instance_ids: list[str]) -> str:
+        """The id after the last one chosen for `model` in sorted order (wrapping); records it."""
+        ordered = sorted(instance_ids)
+        previous = self.last.get(model)
+        chosen = next((i for i in ordered if previous is None or i > previous), ordered[0])
+        self.last[model] = chosen
+        return chosen
+
+    def __repr__(self) -> str:
+        return f"RoundRobinCursor({self.last!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingPolicy:
     """Everything `route` reads from the spec, plus the prediction assumptions.
 
-    Build it once per spec with `from_spec`; it is immutable and cheap to share.
+    Build it once per spec with `from_spec`; it is immutable and cheap to share, except for the
+    round-robin `cursor` (see the module docstring), which callers sharing a policy share too.
     """
 
     classes: Mapping[str, ClassPolicy]
@@ -256,6 +310,8 @@ class RoutingPolicy:
     default_prior: InstancePrior = DEFAULT_PRIOR
     cold_slowdown: float = 1.5
     kv_saturation: float = 0.95
+    strategy: RoutingStrategy = "cost-aware"
+    cursor: RoundRobinCursor = field(default_factory=RoundRobinCursor, compare=False)
 
     @classmethod
     def from_spec(
@@ -286,6 +342,7 @@ class RoutingPolicy:
             default_prior=default_prior,
             cold_slowdown=cold_slowdown,
             kv_saturation=kv_saturation,
+            strategy=spec.routing.strategy,
         )
 
     def prior_for(self, pool: str) -> InstancePrior:
@@ -441,6 +498,7 @@ def route(
             excluded.append(Exclusion(instance.instance_id, why))
             continue
         candidates.append(_predict(instance, request, slo, policy, ttft_target, tpot_target))
+    candidates, excluded = _prefer_version(request, candidates, excluded)
 
     targets = {"ttft_target_s": ttft_target, "tpot_target_s": tpot_target}
     if not candidates:
@@ -455,6 +513,9 @@ def route(
         )
 
     urls = {i.instance_id: i.url for i in view.instances}
+    if policy.strategy != "cost-aware":
+        loads = {i.instance_id: i.running + sum(i.queued_requests.values()) for i in view.instances}
+        return _route_plainly(request, slo, policy, candidates, excluded, urls, loads, targets)
     spot_first = slo.spot_eligible and policy.prefer_spot
     feasible = sorted(
         (c for c in candidates if c.meets_slo),
@@ -507,6 +568,61 @@ def route(
         urls[fastest.instance_id],
         f"class {slo.name!r} is not sheddable; {shortfall}",
         **common,
+    )
+
+
+def _route_plainly(
+    request: RouteRequest,
+    slo: ClassPolicy,
+    policy: RoutingPolicy,
+    candidates: list[CandidatePrediction],
+    excluded: list[Exclusion],
+    urls: Mapping[str, str],
+    loads: Mapping[str, int],
+    targets: Mapping[str, float],
+) -> RouteDecision:
+    """The `least-loaded` and `round-robin` strategies (see the module docstring)."""
+    goal = f"TTFT <= {targets['ttft_target_s']:.3g}s and TPOT <= {targets['tpot_target_s']:.3g}s"
+    feasible = sum(c.meets_slo for c in candidates)
+    if slo.sheddable and not feasible:
+        late = sorted(candidates, key=lambda c: (_completion_s(c, request), c.instance_id))
+        excess = min(c.predicted_ttft_s - targets["ttft_target_s"] for c in late)
+        return RouteDecision(
+            RouteOutcome.SHED,
+            None,
+            None,
+            f"shed: class {slo.name!r} is sheddable and none of {len(late)} candidate(s) "
+            f"meets {goal}",
+            retry_after_s=float(max(1, math.ceil(excess))),
+            candidates=tuple(late),
+            excluded=tuple(excluded),
+            **targets,
+        )
+    by_id = {c.instance_id: c for c in candidates}
+    if policy.strategy == "least-loaded":
+        ranked = sorted(candidates, key=lambda c: (loads[c.instance_id], c.instance_id))
+        chosen = ranked[0]
+        how = f"least-loaded: {loads[chosen.instance_id]} in flight"
+    else:
+        chosen = by_id[policy.cursor.next_after(request.model, list(by_id))]
+        ids = sorted(by_id)
+        start = ids.index(chosen.instance_id)
+        ranked = [by_id[i] for i in ids[start:] + ids[:start]]
+        how = "round-robin: next in turn"
+    meets = "meets" if chosen.meets_slo else "does not meet"
+    reason = (
+        f"{how}, {chosen.instance_id} of {len(candidates)} candidate(s); it {meets} {goal} "
+        f"({feasible} candidate(s) would)"
+    )
+    outcome = RouteOutcome.ROUTED if chosen.meets_slo else RouteOutcome.FALLBACK
+    return RouteDecision(
+        outcome,
+        chosen.instance_id,
+        urls[chosen.instance_id],
+        reason,
+        candidates=tuple(ranked),
+        excluded=tuple(excluded),
+        **targets,
     )
 
 
@@ -628,3 +744,33 @@ def _predict(
 
 def _completion_s(candidate: CandidatePrediction, request: RouteRequest) -> float:
     return candidate.predicted_ttft_s + request.max_tokens * candidate.predicted_tpot_s
+
+
+def _prefer_version(
+    request: RouteRequest, candidates: list[CandidatePrediction], excluded: list[Exclusion]
+) -> tuple[list[CandidatePrediction], list[Exclusion]]:
+    """The rollout filter: only the candidates serving the request's version (see "Versions").
+
+    Applied to candidates, after the permission checks, so that a version whose instances are
+    all unhealthy, stale, not allowed or already tried falls back like one no instance serves.
+    """
+    if request.version is None:
+        return candidates, excluded
+    for wanted in (request.version, request.fallback_version):
+        if wanted is None:
+            continue
+        kept = [c for c in candidates if c.variant == wanted]
+        if not kept:
+            continue
+        note = f"the rollout sends this request to {wanted!r}"
+        if wanted != request.version:
+            note += f" (no candidate serves its version {request.version!r})"
+        dropped = [
+            Exclusion(c.instance_id, f"version: serves {c.variant!r}; {note}")
+            for c in candidates
+            if c.variant != wanted
+        ]
+        return kept, sorted([*excluded, *dropped], key=lambda e: e.instance_id)
+    # Neither version has a candidate: route as if there were no rollout. A rollout never
+    # fails a request that the fleet could serve.
+    return candidates, excluded

@@ -658,3 +658,205 @@ def test_property_more_queue_ahead_never_lowers_predicted_ttft(
     assert before.keys() == after.keys()
     for key, candidate in before.items():
         assert after[key].predicted_ttft_s >= candidate.predicted_ttft_s
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies: least-loaded and round-robin
+
+
+def strategy_policy(strategy: str) -> RoutingPolicy:
+    data = {**SPEC_DATA, "routing": {"strategy": strategy}}
+    return RoutingPolicy.from_spec(parse_fleet(data))
+
+
+def test_from_spec_reads_the_strategy(policy: RoutingPolicy) -> None:
+    assert policy.strategy == "cost-aware"
+    assert strategy_policy("least-loaded").strategy == "least-loaded"
+    assert strategy_policy("round-robin").strategy == "round-robin"
+
+
+def test_least_loaded_ignores_price_and_takes_the_fewest_in_flight() -> None:
+    policy = strategy_policy("least-loaded")
+    fleet = view(
+        inst("cheap", price_usd_per_hour=0.5, running=3),
+        inst("dear", price_usd_per_hour=3.0, running=1, queued_requests={2: 1}),
+        inst("mid", price_usd_per_hour=1.0, running=2, queued_requests={0: 1}),
+    )
+    decision = route(req(), fleet, policy)
+    assert decision.outcome is RouteOutcome.ROUTED
+    assert decision.instance_id == "dear"
+    # Preference order is by load, then id: a failed forward falls back to the next least loaded.
+    assert [c.instance_id for c in decision.candidates] == ["dear", "cheap", "mid"]
+    assert decision.reason.startswith("least-loaded: 2 in flight, dear of 3 candidate(s)")
+
+
+def test_least_loaded_breaks_ties_on_instance_id() -> None:
+    policy = strategy_policy("least-loaded")
+    twins = [inst(name, running=1) for name in ("b", "c", "a")]
+    for order in (twins, twins[::-1]):
+        assert route(req(), view(*order), policy).instance_id == "a"
+
+
+def test_round_robin_rotates_in_id_order_and_wraps() -> None:
+    policy = strategy_policy("round-robin")
+    fleet = view(inst("n2", price_usd_per_hour=3.0), inst("n1"), inst("n3", running=9))
+    chosen = [route(req(), fleet, policy).instance_id for _ in range(5)]
+    assert chosen == ["n1", "n2", "n3", "n1", "n2"]
+    decision = route(req(), fleet, policy)
+    assert decision.instance_id == "n3"
+    assert [c.instance_id for c in decision.candidates] == ["n3", "n1", "n2"]
+
+
+def test_round_robin_survives_instances_leaving_and_joining() -> None:
+    policy = strategy_policy("round-robin")
+    assert route(req(), view(inst("a"), inst("b"), inst("c")), policy).instance_id == "a"
+    assert route(req(), view(inst("a"), inst("b"), inst("c")), policy).instance_id == "b"
+    # b left and d joined: the turn passes to the next id after b, not to a position.
+    assert route(req(), view(inst("a"), inst("c"), inst("d")), policy).instance_id == "c"
+    assert route(req(), view(inst("a"), inst("c"), inst("d")), policy).instance_id == "d"
+    assert route(req(), view(inst("a"), inst("c"), inst("d")), policy).instance_id == "a"
+
+
+def test_round_robin_turns_are_kept_per_model() -> None:
+    policy = strategy_policy("round-robin")
+    fleet = view(inst("a"), inst("b"))
+    assert route(req(), fleet, policy).instance_id == "a"
+    assert policy.cursor.last == {"llama-8b": "a"}
+    other = route(req(model="mistral-7b"), fleet, policy)
+    assert other.outcome is RouteOutcome.UNROUTABLE
+    assert policy.cursor.last == {"llama-8b": "a"}
+    assert route(req(), fleet, policy).instance_id == "b"
+
+
+def test_plain_strategies_choose_a_late_instance_as_fallback() -> None:
+    # "a" is first in turn but its backlog breaks a standard request's TTFT; "b" would meet it.
+    a = inst("a", queued_requests={0: 8}, queued_prompt_tokens={0: 20_000})
+    fleet = view(a, inst("b", running=5))
+    rr = route(req(), fleet, strategy_policy("round-robin"))
+    assert (rr.outcome, rr.instance_id) == (RouteOutcome.FALLBACK, "a")
+    assert "does not meet" in rr.reason and "(1 candidate(s) would)" in rr.reason
+    ll = route(req(), fleet, strategy_policy("least-loaded"))
+    assert (ll.outcome, ll.instance_id) == (RouteOutcome.ROUTED, "b")
+
+
+@pytest.mark.parametrize("strategy", ["least-loaded", "round-robin"])
+def test_plain_strategies_keep_permissions_and_shedding(strategy: str) -> None:
+    policy = strategy_policy(strategy)
+    fleet = view(inst("spot", "gpu-spot"), inst("cpu-1", "cpu"), inst("gpu-1", running=4))
+    # Critical work may not run on spot and needs high quality: only gpu-1 is a candidate.
+    decision = route(req("critical"), fleet, policy)
+    assert decision.instance_id == "gpu-1"
+    assert set(excluded_reasons(decision)) == {"spot", "cpu-1"}
+    # Sheddable work is shed when no candidate meets its SLO, as with cost-aware routing.
+    jammed = view(overloaded("a", 100_000), overloaded("b", 80_000))
+    shed = route(req("batch"), jammed, policy)
+    assert shed.outcome is RouteOutcome.SHED and shed.instance_id is None
+    assert shed.retry_after_s == pytest.approx(17.0)
+    # Nothing to choose from is still unroutable.
+    assert route(req(), view(), policy).outcome is RouteOutcome.UNROUTABLE
+
+
+def test_the_cursor_does_not_take_part_in_policy_equality(spec: FleetSpec) -> None:
+    first, second = RoutingPolicy.from_spec(spec), RoutingPolicy.from_spec(spec)
+    first.cursor.next_after("llama-8b", ["x"])
+    assert first == second
+
+
+# --------------------------------------------------------------------------------------------
+# Versions: the rollout filter (RouteRequest.version, fallback_version)
+# Here int4 (cpu pools) plays the candidate and bf16 (gpu pools) the stable version.
+
+
+def test_version_keeps_only_instances_serving_it(policy: RoutingPolicy) -> None:
+    # Without a version the cheap int4 CPU instance wins (see above); assigned bf16, the GPU does.
+    decision = route(req(version="bf16", fallback_version="bf16"), cpu_and_gpu(), policy)
+    assert decision.outcome is RouteOutcome.ROUTED
+    assert decision.instance_id == "gpu-1"
+    assert [c.instance_id for c in decision.candidates] == ["gpu-1"]
+    assert excluded_reasons(decision) == {
+        "cpu-1": "version: serves 'int4'; the rollout sends this request to 'bf16'"
+    }
+    assigned = route(req(version="int4", fallback_version="bf16"), cpu_and_gpu(), policy)
+    assert assigned.instance_id == "cpu-1"
+    assert excluded_reasons(assigned) == {
+        "gpu-1": "version: serves 'bf16'; the rollout sends this request to 'int4'"
+    }
+
+
+def test_version_without_a_candidate_falls_back_to_the_stable_one(
+    policy: RoutingPolicy,
+) -> None:
+    sick = view(inst("cpu-1", "cpu", healthy=False), inst("gpu-1"), inst("gpu-2"))
+    decision = route(req(version="int4", fallback_version="bf16"), sick, policy)
+    assert decision.outcome is RouteOutcome.ROUTED
+    assert decision.instance_id == "gpu-1"
+    assert excluded_reasons(decision) == {"cpu-1": "unhealthy: reported not ready"}
+    # A version no instance serves at all: the same fallback.
+    unserved = route(req(version="int8", fallback_version="bf16"), cpu_and_gpu(), policy)
+    assert unserved.instance_id == "gpu-1"
+    assert excluded_reasons(unserved) == {
+        "cpu-1": "version: serves 'int4'; the rollout sends this request to 'bf16' "
+        "(no candidate serves its version 'int8')"
+    }
+
+
+def test_version_filter_comes_after_the_permissions(policy: RoutingPolicy) -> None:
+    # 'picky' needs reference quality: int4 is no candidate for it, so the rollout's int4
+    # assignment falls back to bf16 rather than overriding the tenant's floor.
+    decision = route(
+        req(tenant="picky", version="int4", fallback_version="bf16"), cpu_and_gpu(), policy
+    )
+    assert decision.instance_id == "gpu-1"
+    assert excluded_reasons(decision)["cpu-1"].startswith("quality too low:")
+    # A forwarded request at the hop limit stays local, whatever version it was assigned.
+    local = view(inst("cpu-1", "cpu"), inst("gpu-1"), local_instance_id="gpu-1")
+    at_limit = route(req(version="int4", fallback_version="bf16", hops=1), local, policy)
+    assert at_limit.instance_id == "gpu-1"
+
+
+def test_no_candidate_for_either_version_routes_as_without_a_rollout(
+    policy: RoutingPolicy,
+) -> None:
+    plain = route(req(), cpu_and_gpu(), policy)
+    orphan = route(req(version="int8", fallback_version="fp8"), cpu_and_gpu(), policy)
+    assert orphan == plain
+    assert orphan.instance_id == "cpu-1"
+    # Only a fallback missing: the same.
+    assert route(req(version="int8"), cpu_and_gpu(), policy) == plain
+    # The stable version's instances all gone: the candidate serves rather than failing.
+    only_cpu = view(inst("cpu-1", "cpu"), inst("gpu-1", healthy=False))
+    decision = route(req(version="bf16", fallback_version="bf16"), only_cpu, policy)
+    assert decision.instance_id == "cpu-1"
+    assert decision.outcome is RouteOutcome.ROUTED
+
+
+def test_no_version_leaves_routing_unchanged(policy: RoutingPolicy) -> None:
+    assert route(req(version=None), cpu_and_gpu(), policy) == route(req(), cpu_and_gpu(), policy)
+
+
+def test_split_through_the_router_serves_the_share_per_version(policy: RoutingPolicy) -> None:
+    """choose_version feeding route(): a quarter of the ids reach int4, each id always the same."""
+    from runtime.rollout import choose_version
+
+    split = {"int4": 0.25, "bf16": 0.75}
+    fleet = cpu_and_gpu()
+    n = 2000
+    served: dict[str, str] = {}
+    for i in range(n):
+        rid = f"req-{i}"
+        decision = route(
+            req(request_id=rid, version=choose_version(rid, split), fallback_version="bf16"),
+            fleet,
+            policy,
+        )
+        assert decision.chosen is not None
+        served[rid] = decision.chosen.variant
+    share = sum(v == "int4" for v in served.values())
+    # Binomial(2000, 0.25): sigma = sqrt(2000 x 0.25 x 0.75) = 19.4; 4 sigma = 77.5.
+    assert abs(share - 500) <= 77
+    again = route(
+        req(request_id="req-7", version=choose_version("req-7", split), fallback_version="bf16"),
+        fleet,
+        policy,
+    )
+    assert again.chosen is not None and again.chosen.variant == served["req-7"]
