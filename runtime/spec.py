@@ -1,9 +1,9 @@
 """The fleet spec: the one contract every part of Fleetform reads.
 
-`FleetSpec` (pydantic v2) describes models and their variants, pools of nodes, tenants with
-their quotas, SLO classes, and the routing and autoscaling settings. The Pulumi program reads it
-from stack config (`fleetform:fleet`), the policy pack checks it, the controller and agents get
-the parts they need, and the simulator replays traffic against it.
+`FleetSpec` (pydantic v2) describes models, their variants and rollouts between them, pools of
+nodes, tenants with their quotas, SLO classes, and the routing and autoscaling settings. The
+Pulumi program reads it from stack config (`fleetform:fleet`), the policy pack checks it, the
+controller and agents get the parts they need, and the simulator replays traffic against it.
 
 Validation happens in two passes: pydantic checks shapes, types, ranges and unknown keys; then
 `cross_check` checks what spans fields (replica bounds, references between sections, catalog
@@ -57,6 +57,8 @@ Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 EngineKind = Literal["embedded", "openai-upstream"]
 RoutingStrategy = Literal["cost-aware", "least-loaded", "round-robin"]
 ForecastMethod = Literal["none", "holt-winters", "seasonal-naive"]
+RolloutStrategy = Literal["replace", "canary", "shadow"]
+ShadowCompare = Literal["token-agreement", "exact-match"]
 
 
 class Quality(enum.IntEnum):
@@ -118,6 +120,99 @@ class VariantSpec(_Strict):
     )
 
 
+# Which rollout fields belong to which strategy: setting one under another strategy is an error,
+# since it would silently do nothing.
+ROLLOUT_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
+    "canary": (
+        "steps",
+        "step_interval_s",
+        "min_requests",
+        "max_error_rate_delta",
+        "ttft_ratio",
+        "tpot_ratio",
+    ),
+    "shadow": ("sample_fraction", "compare"),
+    "replace": ("min_ready_replicas", "ready_timeout_s", "drain_s"),
+}
+
+
+class RolloutSpec(_Strict):
+    """Moving a model's traffic from one version (variant) to another.
+
+    Versions are variants of the model, so a rollout lives on the model it changes: the names it
+    uses resolve in that model's `variants`, and a model has at most one rollout at a time. The
+    decisions (step up, hold, roll back, promote) are made by `runtime.rollout` in the
+    controller; the spec only states the plan and its margins. Fields are flat, grouped by
+    strategy; a field of another strategy than the one chosen is refused by `cross_check`.
+    """
+
+    stable: Name = Field(description="The variant serving traffic now.")
+    candidate: Name = Field(description="The variant being rolled out.")
+    strategy: RolloutStrategy = Field(
+        description="replace: blue/green, the candidate takes all traffic once it has as many "
+        "ready replicas as the stable version; canary: stepped traffic shares, judged against "
+        "the stable version and rolled back on a breach; shadow: a sample of requests is "
+        "copied to the candidate, compared, never returned and never billed."
+    )
+    # canary
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [5.0, 25.0, 50.0, 100.0],
+        min_length=1,
+        description="canary: percent of traffic on the candidate at each step, increasing.",
+    )
+    step_interval_s: float = Field(
+        default=300.0, gt=0, description="canary: least time spent on a step before stepping up."
+    )
+    min_requests: int = Field(
+        default=200,
+        ge=1,
+        description="canary: candidate requests in a step before it is judged at all.",
+    )
+    max_error_rate_delta: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="canary: how far the candidate's error rate may exceed the stable one's "
+        "(0.01 = one percentage point).",
+    )
+    ttft_ratio: float = Field(
+        default=1.2,
+        ge=1,
+        description="canary: candidate TTFT p95 may be this multiple of the stable p95 "
+        "(1.2 = 20 % worse).",
+    )
+    tpot_ratio: float = Field(
+        default=1.2, ge=1, description="canary: the same for the time per output token p95."
+    )
+    # shadow
+    sample_fraction: float = Field(
+        default=0.05, gt=0, le=1, description="shadow: fraction of requests copied."
+    )
+    compare: ShadowCompare = Field(
+        default="token-agreement",
+        description="shadow: how a copy's output is compared with the served one.",
+    )
+    # replace
+    min_ready_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="replace: candidate replicas ready before the switch; None: as many as the "
+        "stable version has ready (and at least one).",
+    )
+    ready_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="replace: roll back if the candidate is not ready this long after the "
+        "rollout starts; None: wait as long as it takes.",
+    )
+    drain_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="replace: after the switch, how long the stable version drains in-flight "
+        "work before the rollout is done.",
+    )
+
+
 class ModelSpec(_Strict):
     """A model: its size and shape (for the cost model) and its variants."""
 
@@ -129,6 +224,9 @@ class ModelSpec(_Strict):
     head_dim: int = Field(gt=0)
     context_length: int = Field(gt=0, description="Longest prompt plus output, in tokens.")
     variants: list[VariantSpec] = Field(min_length=1)
+    rollout: RolloutSpec | None = Field(
+        default=None, description="A rollout from one variant to another, if one is under way."
+    )
 
     @property
     def parameters(self) -> float:
@@ -572,6 +670,10 @@ def cross_check(spec: FleetSpec, catalog: Catalog) -> list[Issue]:
     for index, pool in enumerate(spec.pools):
         _check_pool(spec, index, pool, models, pools, catalog, add)
 
+    for index, model in enumerate(spec.models):
+        if model.rollout is not None:
+            _check_rollout(spec, index, model, model.rollout, add)
+
     for index, tenant in enumerate(spec.tenants):
         path = f"tenants[{index}]"
         if tenant.default_priority not in classes:
@@ -739,6 +841,69 @@ def _check_pool(
                     f"{path}.serves.variant",
                     f"{model.name}/{variant.name} does not fit on {ref.instance_type}: {fit.reason}",
                 )
+
+
+def _check_rollout(
+    spec: FleetSpec, index: int, model: ModelSpec, rollout: RolloutSpec, add: Any
+) -> None:
+    path = f"models[{index}].rollout"
+    # Another strategy's field set to anything but its default would silently do nothing. A
+    # default value is let through, so a dumped spec (which writes out every field) reloads.
+    for strategy, names in ROLLOUT_STRATEGY_FIELDS.items():
+        if strategy == rollout.strategy:
+            continue
+        for name in names:
+            default = RolloutSpec.model_fields[name].get_default(call_default_factory=True)
+            if getattr(rollout, name) != default:
+                add(f"{path}.{name}", f"only used when strategy is {strategy!r}")
+
+    variants = {v.name for v in model.variants}
+    known = True
+    for role in ("stable", "candidate"):
+        name = getattr(rollout, role)
+        if name not in variants:
+            add(f"{path}.{role}", _unknown(f"variant of model {model.name!r}", name, variants))
+            known = False
+    if rollout.candidate == rollout.stable:
+        add(
+            f"{path}.candidate",
+            f"same as stable ({rollout.stable!r}); a rollout moves traffic between two variants",
+        )
+    elif known:
+        # A candidate no pool serves could never become ready: the rollout would wait forever
+        # (canary, shadow) or never switch (replace), so it is an error for every strategy. The
+        # stable version may be unserved only under `replace`: that is the in-place case, where
+        # the pools' `serves` already moved to the candidate and the old nodes drain as the new
+        # ones become ready. Canary and shadow compare the two versions side by side.
+        served = {p.serves.variant for p in spec.pools if p.serves.model == model.name}
+        if rollout.candidate not in served:
+            add(
+                f"{path}.candidate",
+                f"no pool serves {model.name}/{rollout.candidate}; the candidate needs a pool "
+                "to run on",
+            )
+        if rollout.stable not in served and rollout.strategy != "replace":
+            add(
+                f"{path}.stable",
+                f"no pool serves {model.name}/{rollout.stable}; a {rollout.strategy} rollout "
+                "runs both versions side by side",
+            )
+
+    if rollout.strategy == "canary":
+        for i in range(1, len(rollout.steps)):
+            if rollout.steps[i] <= rollout.steps[i - 1]:
+                add(
+                    f"{path}.steps",
+                    f"must increase: step {i + 1} ({rollout.steps[i]:g} %) follows "
+                    f"{rollout.steps[i - 1]:g} %",
+                )
+                break
+        if rollout.steps[0] >= 100:
+            add(
+                f"{path}.steps",
+                "needs a step below 100 %, where both versions serve and can be compared "
+                "(use strategy 'replace' for a straight switch)",
+            )
 
 
 def _unknown(what: str, name: str, known: Iterable[str]) -> str:

@@ -270,6 +270,21 @@ def _pool(index: int, **changes: Any) -> Mutation:
     return lambda data: data["pools"][index].update(copy.deepcopy(changes))
 
 
+# BASE's llama-8b has bf16 (pool aws-gpu) and int4 (pool gcp-l4); INT8 is a variant no pool serves.
+CANARY = {"stable": "bf16", "candidate": "int4", "strategy": "canary"}
+INT8 = {"name": "int8", "precision": "int8", "quality": "high", "runs_on": ["gpu"]}
+
+
+def _rollout(data: dict[str, Any], **changes: Any) -> None:
+    """Give llama-8b the CANARY rollout with changes (value DELETE removes a key)."""
+    rollout = {**CANARY, **changes}
+    data["models"][0]["rollout"] = {k: v for k, v in rollout.items() if v is not DELETE}
+
+
+def _add_variant(model: int, variant: dict[str, Any]) -> Mutation:
+    return lambda data: data["models"][model]["variants"].append(copy.deepcopy(variant))
+
+
 CASES: list[tuple[str, Mutation, list[str]]] = [
     # --- pydantic: shapes, types, ranges, unknown keys ---
     (
@@ -676,6 +691,139 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
             _set("pools", 2, "serves", {"model": "llama-8b", "variant": "bf16"}),
         ),
         ["pools[2].serves.variant: variant 'bf16' runs on gpu, not on cpu pools"],
+    ),
+    # --- rollouts (models[i].rollout): shapes first, then cross-checks ---
+    (
+        "rollout-missing-candidate",
+        lambda d: _rollout(d, candidate=DELETE),
+        ["models[0].rollout.candidate: required field is missing"],
+    ),
+    (
+        "rollout-unknown-key",
+        lambda d: _rollout(d, percent=5),
+        ["models[0].rollout.percent: unknown key (not part of the fleet spec)"],
+    ),
+    (
+        "rollout-unknown-strategy",
+        lambda d: _rollout(d, strategy="linear"),
+        [
+            "models[0].rollout.strategy: Input should be 'replace', 'canary' or 'shadow' "
+            "(got 'linear')"
+        ],
+    ),
+    (
+        "rollout-step-above-100",
+        lambda d: _rollout(d, steps=[5, 150]),
+        ["models[0].rollout.steps[1]: Input should be less than or equal to 100 (got 150)"],
+    ),
+    (
+        "rollout-step-zero",
+        lambda d: _rollout(d, steps=[0, 50]),
+        ["models[0].rollout.steps[0]: Input should be greater than 0 (got 0)"],
+    ),
+    (
+        "rollout-no-steps",
+        lambda d: _rollout(d, steps=[]),
+        ["models[0].rollout.steps: List should have at least 1 item after validation, not 0"],
+    ),
+    (
+        "rollout-ttft-ratio-below-one",
+        lambda d: _rollout(d, ttft_ratio=0.9),
+        ["models[0].rollout.ttft_ratio: Input should be greater than or equal to 1 (got 0.9)"],
+    ),
+    (
+        "rollout-sample-fraction-zero",
+        lambda d: _rollout(d, strategy="shadow", sample_fraction=0),
+        ["models[0].rollout.sample_fraction: Input should be greater than 0 (got 0)"],
+    ),
+    (
+        "rollout-steps-decrease",
+        lambda d: _rollout(d, steps=[5, 50, 25]),
+        ["models[0].rollout.steps: must increase: step 3 (25 %) follows 50 %"],
+    ),
+    (
+        "rollout-steps-repeat",
+        lambda d: _rollout(d, steps=[10, 10, 100]),
+        ["models[0].rollout.steps: must increase: step 2 (10 %) follows 10 %"],
+    ),
+    (
+        "rollout-only-step-is-100",
+        lambda d: _rollout(d, steps=[100]),
+        [
+            "models[0].rollout.steps: needs a step below 100 %, where both versions serve and "
+            "can be compared (use strategy 'replace' for a straight switch)"
+        ],
+    ),
+    (
+        "rollout-unknown-versions",
+        lambda d: _rollout(d, stable="fp16", candidate="fp8"),
+        [
+            "models[0].rollout.stable: no variant of model 'llama-8b' named 'fp16' "
+            "(known: 'bf16', 'int4')",
+            "models[0].rollout.candidate: no variant of model 'llama-8b' named 'fp8' "
+            "(known: 'bf16', 'int4')",
+        ],
+    ),
+    (
+        "rollout-candidate-is-stable",
+        lambda d: _rollout(d, candidate="bf16"),
+        [
+            "models[0].rollout.candidate: same as stable ('bf16'); a rollout moves traffic "
+            "between two variants"
+        ],
+    ),
+    (
+        "rollout-candidate-not-served",
+        _all(_add_variant(0, INT8), lambda d: _rollout(d, candidate="int8")),
+        [
+            "models[0].rollout.candidate: no pool serves llama-8b/int8; the candidate needs a "
+            "pool to run on"
+        ],
+    ),
+    (
+        "rollout-candidate-not-served-replace-too",
+        _all(_add_variant(0, INT8), lambda d: _rollout(d, candidate="int8", strategy="replace")),
+        [
+            "models[0].rollout.candidate: no pool serves llama-8b/int8; the candidate needs a "
+            "pool to run on"
+        ],
+    ),
+    (
+        "rollout-stable-not-served-canary",
+        _all(_add_variant(0, INT8), lambda d: _rollout(d, stable="int8", candidate="bf16")),
+        [
+            "models[0].rollout.stable: no pool serves llama-8b/int8; a canary rollout runs both "
+            "versions side by side"
+        ],
+    ),
+    (
+        "rollout-stable-not-served-shadow",
+        _all(
+            _add_variant(0, INT8),
+            lambda d: _rollout(d, stable="int8", candidate="bf16", strategy="shadow"),
+        ),
+        [
+            "models[0].rollout.stable: no pool serves llama-8b/int8; a shadow rollout runs both "
+            "versions side by side"
+        ],
+    ),
+    (
+        "rollout-fields-of-other-strategies",
+        lambda d: _rollout(
+            d, strategy="shadow", steps=[10, 100], min_requests=50, drain_s=5, sample_fraction=0.1
+        ),
+        [
+            "models[0].rollout.steps: only used when strategy is 'canary'",
+            "models[0].rollout.min_requests: only used when strategy is 'canary'",
+            "models[0].rollout.drain_s: only used when strategy is 'replace'",
+        ],
+    ),
+    (
+        "rollout-on-second-model",
+        lambda d: d["models"][1].update(
+            rollout={"stable": "q4", "candidate": "q8", "strategy": "replace"}
+        ),
+        ["models[1].rollout.candidate: no variant of model 'tiny' named 'q8' (known: 'q4')"],
     ),
 ]
 
@@ -1391,6 +1539,70 @@ def test_model_json_schema_forbids_extra_keys_everywhere() -> None:
     for name in ("PoolSpec", "ModelSpec", "VariantSpec", "TenantSpec", "SloClassSpec"):
         assert defs[name]["additionalProperties"] is False, name
     assert defs["PoolSpec"]["properties"]["name"]["pattern"] == "^[a-z][a-z0-9-]{0,39}$"
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts: the valid shapes (the error paths are in CASES)
+
+
+def test_canary_rollout_defaults() -> None:
+    data = fleet()
+    _rollout(data)
+    rollout = parse_fleet(data).model("llama-8b").rollout
+    assert rollout is not None
+    assert (rollout.stable, rollout.candidate, rollout.strategy) == ("bf16", "int4", "canary")
+    assert rollout.steps == [5.0, 25.0, 50.0, 100.0]
+    assert (rollout.step_interval_s, rollout.min_requests) == (300.0, 200)
+    assert (rollout.max_error_rate_delta, rollout.ttft_ratio, rollout.tpot_ratio) == (
+        0.01,
+        1.2,
+        1.2,
+    )
+    assert parse_fleet(data).model("tiny").rollout is None
+
+
+@pytest.mark.parametrize("strategy", ["canary", "shadow", "replace"])
+def test_rollout_round_trips_through_a_dump(strategy: str) -> None:
+    """A dump writes every field, other strategies' defaults included; it must reload."""
+    data = fleet()
+    _rollout(data, strategy=strategy)
+    spec = parse_fleet(data)
+    assert parse_fleet(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))) == spec
+
+
+def test_replace_may_leave_the_stable_version_unserved() -> None:
+    """In-place blue/green: the pools already serve the candidate; old nodes drain."""
+    data = fleet()
+    data["models"][0]["variants"].append(copy.deepcopy(INT8))
+    _rollout(data, stable="int8", candidate="bf16", strategy="replace", min_ready_replicas=2)
+    rollout = parse_fleet(data).model("llama-8b").rollout
+    assert rollout is not None and rollout.min_ready_replicas == 2
+
+
+def test_shadow_rollout_settings() -> None:
+    data = fleet()
+    _rollout(data, strategy="shadow", sample_fraction=0.1, compare="exact-match")
+    rollout = parse_fleet(data).model("llama-8b").rollout
+    assert rollout is not None
+    assert (rollout.sample_fraction, rollout.compare) == (0.1, "exact-match")
+
+
+def test_prod_stack_canaries_int8_against_bf16() -> None:
+    prod = load_stack_file(STACKS_DIR / "Pulumi.prod.yaml")
+    rollout = prod.model("llama-3-1-8b").rollout
+    assert rollout is not None
+    assert (rollout.stable, rollout.candidate, rollout.strategy) == ("bf16", "int8", "canary")
+    assert rollout.steps == [5.0, 25.0, 50.0, 100.0]
+    served = {p.serves.variant for p in prod.pools if p.serves.model == "llama-3-1-8b"}
+    assert {"bf16", "int8"} <= served
+    assert [m.name for m in prod.models if m.rollout is not None] == ["llama-3-1-8b"]
+
+
+def test_rollout_schema_forbids_extra_keys_and_lists_strategies() -> None:
+    defs = FleetSpec.model_json_schema()["$defs"]
+    assert defs["RolloutSpec"]["additionalProperties"] is False
+    assert set(defs["RolloutSpec"]["required"]) == {"stable", "candidate", "strategy"}
+    assert defs["RolloutSpec"]["properties"]["strategy"]["enum"] == ["replace", "canary", "shadow"]
 
 
 # --------------------------------------------------------------------------------------------
