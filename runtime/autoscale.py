@@ -13,18 +13,20 @@ How one period is decided, per model (pools serving the same model share its dem
    queued, the reactive signal) and the forecast arrival rate at ``now + lead`` times the mean
    time a request stays in the system (Little's law), where ``lead`` is the slowest cold start
    among the model's pools plus one period: capacity ordered now is ready when that demand
-   arrives. Work that may not run on spot (classes that are not ``spot_eligible``) is tracked
-   apart, since only on-demand pools can take it.
+   arrives. It is split over the SLO classes in proportion to what each has in flight.
 2. **Hysteresis**: demand is compared with the capacity the model has (slots of the replicas
    already requested) at ``target_utilization``; inside the band ``target x (1 +- hysteresis)``
-   the model keeps its replicas. SLO attainment below ``slo_floor`` with work queued forces a
-   replica more on the cheapest pool that can take it.
-3. **Allocation**, cheapest capacity first: every pool keeps its ``min_replicas``; on-demand-only
-   demand is placed on on-demand pools by USD per slot; the rest goes to every pool by USD per
-   slot (spot first where it is cheaper). A spot pool that lost capacity recently gets no new
-   replicas until ``spot_retry_s`` has passed: its share goes to its ``fallback_pool``, and
-   moves back when the retry comes. Spot pools in use get ``spot_overprovision`` extra replicas
-   as a hedge against the next preemption.
+   the model keeps its replicas. SLO attainment below ``slo_floor`` with work queued and the
+   pools busy forces a replica more on the cheapest pool the most constrained class may use
+   (misses of an idle fleet are not a capacity problem).
+3. **Allocation**, cheapest capacity first: every pool keeps its ``min_replicas``; each class's
+   share goes to the pools it may use (on-demand unless ``spot_eligible``, a variant of at
+   least its ``min_quality``) by USD per slot, the most constrained class first, so flexible
+   work does not take the only slots constrained work could use. A tenant that had work within
+   the scale-down window keeps at least one replica on a pool it is allowed on. A spot pool
+   that lost capacity recently gets no new replicas until ``spot_retry_s`` has passed: its
+   share goes to its ``fallback_pool``, and moves back when the retry comes. Spot pools in use
+   get ``spot_overprovision`` extra replicas as a hedge against the next preemption.
 4. **Per pool damping**: scale-ups wait ``scale_up_cooldown_s`` after the previous one and add
    at most ``max_step``; scale-downs follow the largest desired count seen over the last
    ``scale_down_cooldown_s`` (a stabilisation window, so a dip does not drop capacity that the
@@ -47,11 +49,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.spec import AutoscalingSpec, FleetSpec, ForecastSpec, PoolSpec
+from runtime.spec import AutoscalingSpec, FleetSpec, ForecastSpec, PoolSpec, Quality
 
 __all__ = [
     "ArrivalForecaster",
     "Autoscaler",
+    "ClassFacts",
     "FleetSignals",
     "ModelSignals",
     "PoolDecision",
@@ -84,10 +87,21 @@ class PoolFacts:
     cold_start_s: float
     spot: bool = False
     fallback_pool: str | None = None
+    quality: int = 0  # the served variant's Quality (a class's min_quality must not exceed it)
+    tenants: frozenset[str] | None = None  # tenants allowed on the pool; None: every tenant
 
     @property
     def usd_per_slot_hour(self) -> float:
         return self.usd_per_hour / max(self.slots_per_replica, 1e-9)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassFacts:
+    """What an SLO class allows of the pools that serve it."""
+
+    name: str
+    spot_eligible: bool = True
+    min_quality: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +120,8 @@ class ModelSignals:
     """Demand for one model, summed over its pools, over the last period."""
 
     in_flight: float = 0.0  # running + queued requests now
-    on_demand_in_flight: float = 0.0  # of which classes that may not run on spot
+    by_class: Mapping[str, float] = field(default_factory=dict)  # in flight per SLO class
+    tenants: frozenset[str] = frozenset()  # tenants with work in flight or arriving
     arrivals_per_s: float = 0.0
     mean_service_s: float | None = None  # mean time in system; None: estimated from Little's law
     slo_attainment: float | None = None  # non-sheddable classes, fraction of requests in SLO
@@ -295,9 +310,16 @@ class _ModelMemory:
 class Autoscaler:
     """Plans replica counts; holds only the memory that damping and forecasting need."""
 
-    def __init__(self, settings: AutoscalingSpec, pools: Sequence[PoolFacts]) -> None:
+    def __init__(
+        self,
+        settings: AutoscalingSpec,
+        pools: Sequence[PoolFacts],
+        classes: Sequence[ClassFacts] = (),
+    ) -> None:
         self.settings = settings
         self.pools = {p.name: p for p in pools}
+        self.classes = {c.name: c for c in classes}
+        self._tenant_seen: dict[tuple[str, str], float] = {}  # (model, tenant) -> last seen
         self._pool_memory = {p.name: _PoolMemory() for p in pools}
         self._model_memory: dict[str, _ModelMemory] = {}
         for pool in pools:
@@ -309,7 +331,13 @@ class Autoscaler:
     def from_spec(
         cls, spec: FleetSpec, slots: Mapping[str, float] | None = None, catalog: Any = None
     ) -> Autoscaler:
-        return cls(spec.autoscaling, pool_facts_from_spec(spec, slots=slots, catalog=catalog))
+        classes = [
+            ClassFacts(c.name, c.spot_eligible, int(Quality[c.min_quality]))
+            for c in spec.slo_classes
+        ]
+        return cls(
+            spec.autoscaling, pool_facts_from_spec(spec, slots=slots, catalog=catalog), classes
+        )
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -334,11 +362,11 @@ class Autoscaler:
         forecast_by_model: dict[str, float] = {}
         for model, pool_names in self._pools_by_model().items():
             model_signals = signals.models.get(model, ModelSignals())
-            demand, on_demand, forecast, why = self._demand(model, pool_names, model_signals)
+            demand, forecast, why = self._demand(model, pool_names, model_signals)
             demand_by_model[model] = demand
             forecast_by_model[model] = forecast
             allocation = self._allocate(
-                pool_names, demand, on_demand, model_signals, current, ready, slots, now, reasons
+                pool_names, demand, model, model_signals, current, ready, slots, now, reasons
             )
             for name in pool_names:
                 if why and allocation[name] != current[name]:
@@ -407,8 +435,8 @@ class Autoscaler:
 
     def _demand(
         self, model: str, pool_names: Sequence[str], signals: ModelSignals
-    ) -> tuple[float, float, float, list[str]]:
-        """Concurrent requests to plan for (all, on-demand only), the forecast rate, reasons."""
+    ) -> tuple[float, float, list[str]]:
+        """Concurrent requests to plan for, the forecast arrival rate, and why."""
         memory = self._model_memory[model]
         memory.forecaster.observe(signals.arrivals_per_s)
         service_s = signals.mean_service_s
@@ -434,16 +462,27 @@ class Autoscaler:
                 f"forecast {forecast:.3g} req/s in {lead:.0f} s x {service_s:.3g} s in system "
                 f"= {predicted:.3g} in flight (now {signals.in_flight:.3g})"
             )
-        on_demand_share = (
-            signals.on_demand_in_flight / signals.in_flight if signals.in_flight > 0 else 0.0
-        )
-        return demand, demand * on_demand_share, forecast, why
+        return demand, forecast, why
+
+    def _eligible(self, class_name: str | None, order: Sequence[str]) -> list[str]:
+        """Pools (in cost order) that may serve ``class_name``: on-demand unless the class is
+        spot-eligible, and a variant of at least the class's quality. All pools when none is."""
+        facts = self.classes.get(class_name) if class_name is not None else None
+        if facts is None:
+            return list(order)
+        eligible = [
+            n
+            for n in order
+            if (facts.spot_eligible or not self.pools[n].spot)
+            and self.pools[n].quality >= facts.min_quality
+        ]
+        return eligible or list(order)  # never drop demand because no pool fits
 
     def _allocate(
         self,
         pool_names: Sequence[str],
         demand: float,
-        on_demand: float,
+        model: str,
         signals: ModelSignals,
         current: Mapping[str, int],
         ready: Mapping[str, int],
@@ -455,10 +494,13 @@ class Autoscaler:
         target = settings.target_utilization
         capacity = sum(current[n] * slots[n] for n in pool_names)
         needed = demand / target  # slots
+        # More replicas help only when the pools are busy: misses of an idle fleet (a prompt
+        # too long for any instance to prefill in time) are not a capacity problem.
         slo_short = (
             signals.slo_attainment is not None
             and signals.slo_attainment < settings.slo_floor
             and signals.queued > 0
+            and needed >= capacity * (1 - settings.hysteresis)
         )
         # A spot loss, or the end of its back-off, re-plans the model even inside the band:
         # the share moves to the fallback and back regardless of total demand.
@@ -466,10 +508,14 @@ class Autoscaler:
             self._pool_memory[n].displaced or (self._spot_unavailable(n, now) and current[n] > 0)
             for n in pool_names
         )
+        tenants = self._recent_tenants(model, signals.tenants, now)
+        stranded = any(
+            not any(current[n] > 0 for n in self._tenant_pools(t, pool_names)) for t in tenants
+        )
         within_band = (
             capacity * (1 - settings.hysteresis) <= needed <= capacity * (1 + settings.hysteresis)
         )
-        if within_band and not slo_short and not spot_trouble and capacity > 0:
+        if within_band and capacity > 0 and not (slo_short or spot_trouble or stranded):
             return {n: current[n] for n in pool_names}
 
         order = sorted(pool_names, key=lambda n: (self.pools[n].usd_per_slot_hour, n))
@@ -485,41 +531,61 @@ class Autoscaler:
                 return 0
             return self.pools[name].max_replicas - alloc[name]
 
-        def fill(candidates: Sequence[str], need: float, why: str) -> float:
-            """Add replicas on `candidates` in order until `need` slots are covered."""
-            for name in candidates:
+        # Demand per class, in proportion to what is in flight per class now; the most
+        # constrained classes (fewest pools may serve them) are placed first, each on the
+        # cheapest capacity it may use, so that flexible work does not take the only slots
+        # the constrained work could have used.
+        counted = {c: v for c, v in signals.by_class.items() if v > 0}
+        total = sum(counted.values())
+        shares: dict[str | None, float] = (
+            {c: demand * v / total for c, v in counted.items()} if total else {None: demand}
+        )
+        eligible = {c: self._eligible(c, order) for c in shares}
+        free = {n: alloc[n] * slots[n] for n in pool_names}  # slots not yet spoken for
+        shortfall = 0.0
+        for class_name in sorted(shares, key=lambda c: (len(eligible[c]), c or "")):
+            need = shares[class_name] / target
+            for name in eligible[class_name]:
+                used = min(free[name], need)
+                free[name] -= used
+                need -= used
+            label = f" of {class_name}" if class_name is not None else ""
+            why = (
+                f"demand {shares[class_name]:.3g} in flight{label} at {target:.0%} target "
+                f"utilisation (capacity now {capacity:.3g} slots)"
+            )
+            for name in self._with_fallbacks(eligible[class_name], now):
                 if need <= 1e-9:
                     break
                 take = min(room(name), math.ceil(need / slots[name] - 1e-9))
                 if take > 0:
                     alloc[name] += take
-                    need -= take * slots[name]
+                    free[name] += take * slots[name]
+                    used = min(free[name], need)
+                    free[name] -= used
+                    need -= used
                     reasons[name].append(why)
-            return need
+            shortfall += max(0.0, need)
 
-        on_demand_pools = [n for n in order if not self.pools[n].spot]
-        if on_demand > 0:
-            held = sum(alloc[n] * slots[n] for n in on_demand_pools)
-            fill(
-                on_demand_pools,
-                on_demand / target - held,
-                f"{on_demand:.3g} in flight may not run on spot (target {target:.0%})",
-            )
-        held = sum(alloc[n] * slots[n] for n in pool_names)
-        shortfall = fill(
-            self._with_fallbacks(order, now),
-            needed - held,
-            f"demand {demand:.3g} in flight at {target:.0%} target utilisation "
-            f"(capacity now {capacity:.3g} slots)",
-        )
         if slo_short:
-            cheapest = next((n for n in order if room(n) > 0), None)
-            if cheapest is not None and alloc[cheapest] <= current[cheapest]:
-                alloc[cheapest] = current[cheapest] + 1
-                reasons[cheapest].append(
+            first = min(shares, key=lambda c: (len(eligible[c]), c or ""))
+            target_pool = next((n for n in eligible[first] if room(n) > 0), None)
+            if target_pool is not None and alloc[target_pool] <= current[target_pool]:
+                alloc[target_pool] = current[target_pool] + 1
+                reasons[target_pool].append(
                     f"SLO attainment {signals.slo_attainment:.1%} below "
                     f"{settings.slo_floor:.0%} with {signals.queued} queued"
                 )
+        for tenant in sorted(tenants):
+            allowed = self._tenant_pools(tenant, order)
+            if allowed and not any(alloc[n] > 0 for n in allowed):
+                keep = next((n for n in allowed if room(n) > 0), None)
+                if keep is not None:
+                    alloc[keep] += 1
+                    reasons[keep].append(
+                        f"keeps a replica for tenant {tenant}, who may use only "
+                        f"{', '.join(allowed)}"
+                    )
         if shortfall > 1e-9:
             for name in pool_names:
                 reasons[name].append(f"{shortfall:.3g} slots short: every pool at max_replicas")
@@ -534,6 +600,20 @@ class Autoscaler:
                 alloc[name] += extra
                 reasons[name].append(f"+{extra} spot over-provision against preemption")
         return alloc
+
+    def _tenant_pools(self, tenant: str, names: Sequence[str]) -> list[str]:
+        return [
+            n for n in names if self.pools[n].tenants is None or tenant in self.pools[n].tenants
+        ]
+
+    def _recent_tenants(self, model: str, now_active: frozenset[str], now: float) -> set[str]:
+        """Tenants with work for ``model`` within the scale-down window: each keeps at least
+        one replica it may use, so a quiet minute never strands a tenant restricted to pools
+        that would otherwise scale to zero (and make it wait a cold start)."""
+        for tenant in now_active:
+            self._tenant_seen[(model, tenant)] = now
+        horizon = now - self.settings.scale_down_cooldown_s
+        return {t for (m, t), seen in self._tenant_seen.items() if m == model and seen >= horizon}
 
     def _with_fallbacks(self, order: Sequence[str], now: float) -> list[str]:
         """Cost order, except that an unavailable spot pool's named fallback takes its place."""
@@ -642,6 +722,7 @@ class Autoscaler:
                 model: {"service_s": m.service_s, "forecaster": m.forecaster.dump()}
                 for model, m in self._model_memory.items()
             },
+            "tenants_seen": [[m, t, seen] for (m, t), seen in self._tenant_seen.items()],
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -660,6 +741,8 @@ class Autoscaler:
             memory.spot_lost_at = time_or_never(saved.get("spot_lost_at"))
             memory.watched_since = saved.get("watched_since")
             memory.displaced = bool(saved.get("displaced", False))
+        for model, tenant, seen in state.get("tenants_seen", []):
+            self._tenant_seen[(str(model), str(tenant))] = float(seen)
         for model, saved in state.get("models", {}).items():
             model_memory = self._model_memory.get(model)
             if model_memory is None:
@@ -684,6 +767,7 @@ def pool_facts_from_spec(
     else ``default_slots``."""
     from runtime.catalog import default_catalog
     from runtime.costmodel import Slo, Workload, evaluate
+    from runtime.plan import tenant_may_use
 
     catalog = catalog if catalog is not None else default_catalog()
     given = dict(slots or {})
@@ -719,6 +803,12 @@ def pool_facts_from_spec(
                 cold_start_s=pool.cold_start_s,
                 spot=pool.spot,
                 fallback_pool=pool.fallback_pool,
+                quality=int(Quality[variant.quality]),
+                tenants=frozenset(
+                    t.name for t in spec.tenants if tenant_may_use(spec, t.name, pool)
+                )
+                if spec.tenants
+                else None,
             )
         )
     return facts

@@ -10,6 +10,7 @@ import pytest
 from runtime.autoscale import (
     ArrivalForecaster,
     Autoscaler,
+    ClassFacts,
     FleetSignals,
     ModelSignals,
     PoolFacts,
@@ -20,6 +21,7 @@ from runtime.autoscale import (
 from runtime.spec import AutoscalingSpec, ForecastSpec, load_stack_file
 
 PERIOD = 15.0
+CLASSES = [ClassFacts("critical", spot_eligible=False), ClassFacts("batch", spot_eligible=True)]
 
 
 def settings(**overrides: object) -> AutoscalingSpec:
@@ -71,7 +73,10 @@ def signals(
         models={
             "m": ModelSignals(
                 in_flight=in_flight,
-                on_demand_in_flight=on_demand,
+                # "critical" may not run on spot (CLASSES); the rest of the work is "batch".
+                by_class={"critical": on_demand, "batch": in_flight - on_demand}
+                if on_demand
+                else {},
                 arrivals_per_s=arrivals,
                 mean_service_s=service_s,
             )
@@ -155,10 +160,74 @@ def test_demand_goes_to_the_cheapest_capacity_per_slot_first() -> None:
 def test_work_that_may_not_run_on_spot_lands_on_on_demand_pools() -> None:
     spot = pool("spot", usd_per_hour=0.3, spot=True)
     on_demand = pool("od", usd_per_hour=1.0)
-    scaler = Autoscaler(settings(), [spot, on_demand])
+    scaler = Autoscaler(settings(), [spot, on_demand], CLASSES)
     # 8 in flight of which 4 may not use spot: 8 slots on-demand, the other 8 on spot.
     plan = scaler.plan(signals(0, {"spot": 0, "od": 0}, 8.0, on_demand=4.0))
     assert plan.replicas == {"spot": 2, "od": 2}
+
+
+def test_a_class_goes_only_to_pools_of_its_quality_the_constrained_class_first() -> None:
+    # "high" work may use only the dear high-quality pool; "any" work fits anywhere.
+    low = pool("low", usd_per_hour=0.5, quality=1)
+    high = pool("high", usd_per_hour=2.0, quality=2)
+    classes = [ClassFacts("high", min_quality=2), ClassFacts("any", min_quality=0)]
+    scaler = Autoscaler(settings(), [low, high], classes)
+    plan = scaler.plan(
+        FleetSignals(
+            now=0,
+            pools={"low": PoolSignals(requested=0), "high": PoolSignals(requested=0)},
+            models={"m": ModelSignals(in_flight=12.0, by_class={"high": 4.0, "any": 8.0})},
+        )
+    )
+    # high: 4 in flight -> 8 slots -> 2 high replicas; any: 16 slots on the cheap pool -> 4.
+    assert plan.replicas == {"low": 4, "high": 2}
+    assert "demand 4 in flight of high" in plan.decisions["high"].reasons[0]
+
+
+def test_a_restricted_tenant_keeps_a_replica_through_a_quiet_spell() -> None:
+    shared = pool("shared", usd_per_hour=1.0, min_replicas=1, tenants=frozenset({"web"}))
+    only = pool("only", usd_per_hour=5.0, tenants=frozenset({"batch-team"}))
+    scaler = Autoscaler(settings(scale_down_cooldown_s=60.0), [shared, only])
+
+    def period(t: float, tenants: frozenset[str], requested: dict[str, int]) -> dict[str, int]:
+        return scaler.plan(
+            FleetSignals(
+                now=t,
+                pools={n: PoolSignals(requested=c, ready=c) for n, c in requested.items()},
+                models={"m": ModelSignals(in_flight=1.0 if tenants else 0.0, tenants=tenants)},
+            )
+        ).replicas
+
+    team = frozenset({"batch-team"})
+    first = scaler.plan(
+        FleetSignals(
+            now=0,
+            pools={"shared": PoolSignals(1, 1), "only": PoolSignals(0, 0)},
+            models={"m": ModelSignals(in_flight=1.0, tenants=team)},
+        )
+    )
+    assert first.replicas == {"shared": 1, "only": 1}
+    assert "keeps a replica for tenant batch-team, who may use only only" in (
+        first.decisions["only"].reasons
+    )
+    # Quiet for less than the window: the replica stays. The tenant is forgotten at 60 s, and
+    # the stabilisation window then holds the replica one window more (it was wanted at 30 s).
+    assert period(30, frozenset(), {"shared": 1, "only": 1}) == {"shared": 1, "only": 1}
+    assert period(75, frozenset(), {"shared": 1, "only": 1}) == {"shared": 1, "only": 1}
+    assert period(91, frozenset(), {"shared": 1, "only": 1}) == {"shared": 1, "only": 0}
+
+
+def test_slo_misses_of_an_idle_fleet_add_no_replica() -> None:
+    scaler = Autoscaler(settings(), [pool("a")])
+    # 2 replicas (8 slots), 1 in flight: far below the band; the misses are not for capacity.
+    plan = scaler.plan(
+        FleetSignals(
+            now=0,
+            pools={"a": PoolSignals(requested=2, ready=2)},
+            models={"m": ModelSignals(in_flight=1.0, slo_attainment=0.5, queued=1)},
+        )
+    )
+    assert plan.replicas == {"a": 1}
 
 
 def test_slo_attainment_below_the_floor_with_a_queue_adds_a_replica() -> None:

@@ -60,6 +60,7 @@ class AgentLike(Protocol):
 
     agent_id: str
     boot_id: str
+    recent_use: Mapping[str, Any]  # tenant -> runtime.leases.Usage
 
     @property
     def instance(self) -> Any: ...
@@ -88,7 +89,6 @@ class SignalCollector:
         self.spec = spec
         self._pool_model = {p.name: p.serves.model for p in spec.pools}
         self._spot_pools = {p.name for p in spec.pools if p.spot}
-        self._spot_ok = {c.name for c in spec.slo_classes if c.spot_eligible}
         self._must_meet = {c.name for c in spec.slo_classes if not c.sheddable}
         self._seen: dict[str, _Seen] = {}
         # The last period's finished / ttft_met / tpot_met per SLO class (for the dashboard).
@@ -113,6 +113,8 @@ class SignalCollector:
         models: dict[str, dict[str, float]] = {}
         seen_now: dict[str, _Seen] = {}
         class_deltas: dict[str, list[int]] = {}
+        by_class: dict[str, dict[str, float]] = {}
+        tenants: dict[str, set[str]] = {}
         for agent in agents:
             snapshot = agent.instance
             pool = snapshot.pool
@@ -125,8 +127,15 @@ class SignalCollector:
                 ready[pool] += 1
             totals = models.setdefault(
                 model,
-                {"in_flight": 0.0, "on_demand": 0.0, "admitted": 0.0, "queued": 0.0}
-                | {"finished": 0.0, "met": 0.0},
+                {"in_flight": 0.0, "admitted": 0.0, "queued": 0.0, "finished": 0.0, "met": 0.0},
+            )
+            per_class = by_class.setdefault(model, {})
+            # Tenants with work here recently: each keeps a replica it may use.
+            active = tenants.setdefault(model, set())
+            active.update(
+                name
+                for name, use in getattr(agent, "recent_use", {}).items()
+                if use.requests_per_minute > 0 or use.concurrency > 0
             )
             totals["queued"] += queued
             previous = self._seen.get(agent.agent_id)
@@ -135,8 +144,7 @@ class SignalCollector:
             for name, now_counts in counters.items():
                 in_flight = max(0, now_counts.admitted - now_counts.finished)
                 totals["in_flight"] += in_flight
-                if name not in self._spot_ok:
-                    totals["on_demand"] += in_flight
+                per_class[name] = per_class.get(name, 0.0) + in_flight
                 if previous is None:
                     continue  # first sight: a baseline, not a period's worth
                 before = (
@@ -148,10 +156,10 @@ class SignalCollector:
                 finished = max(0, now_counts.finished - before.finished)
                 ttft_met = min(finished, max(0, now_counts.ttft_met - before.ttft_met))
                 tpot_met = min(finished, max(0, now_counts.tpot_met - before.tpot_met))
-                per_class = class_deltas.setdefault(name, [0, 0, 0])
-                per_class[0] += finished
-                per_class[1] += ttft_met
-                per_class[2] += tpot_met
+                deltas = class_deltas.setdefault(name, [0, 0, 0])
+                deltas[0] += finished
+                deltas[1] += ttft_met
+                deltas[2] += tpot_met
                 if name in self._must_meet:
                     totals["finished"] += finished
                     totals["met"] += min(ttft_met, tpot_met)
@@ -165,7 +173,8 @@ class SignalCollector:
         for model, totals in models.items():
             model_signals[model] = ModelSignals(
                 in_flight=totals["in_flight"],
-                on_demand_in_flight=totals["on_demand"],
+                by_class=by_class[model],
+                tenants=frozenset(tenants[model]),
                 arrivals_per_s=totals["admitted"] / elapsed if elapsed else 0.0,
                 slo_attainment=totals["met"] / totals["finished"] if totals["finished"] else None,
                 queued=int(totals["queued"]),

@@ -156,6 +156,9 @@ def homogeneous_fleet(
         desired_replicas=count,
     )
     data["pools"] = [single]
+    for model in data["models"]:
+        # One pool serves one version: a rollout between versions has nothing to run on.
+        model.pop("rollout", None)
     for tenant in data.get("tenants", []):
         tenant.pop("allowed_pools", None)
     data["routing"] = {**data.get("routing", {}), "strategy": "least-loaded"}

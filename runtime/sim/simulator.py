@@ -362,6 +362,7 @@ class Simulator:
         self._records: dict[int, RequestRecord] = {}
         # Per planning period, for FleetSignals.
         self._arrivals: Counter[str] = Counter()
+        self._period_tenants: dict[str, set[str]] = {}  # tenants arriving this period
         self._period_service: dict[str, list[float]] = {}
         self._period_slo: dict[str, list[int]] = {}
         self.timeline: list[dict[str, object]] = []
@@ -434,6 +435,7 @@ class Simulator:
                 request = arrivals[i]
                 i += 1
                 self._arrivals[request.model] += 1
+                self._period_tenants.setdefault(request.model, set()).add(request.tenant)
                 self._dispatch(request)
             else:
                 break
@@ -933,6 +935,7 @@ class Simulator:
         for pool in self.pools.values():
             pool.lost = 0
         self._arrivals.clear()
+        self._period_tenants.clear()
         self._period_service.clear()
         self._period_slo.clear()
         self._sample(self.now)
@@ -940,7 +943,8 @@ class Simulator:
     def _signals(self, period: float) -> autoscale.FleetSignals:
         pools: dict[str, autoscale.PoolSignals] = {}
         in_flight: Counter[str] = Counter()
-        on_demand: Counter[str] = Counter()
+        by_class: dict[str, Counter[str]] = {}
+        tenants: dict[str, set[str]] = {}
         queued_by_model: Counter[str] = Counter()
         for pool in self.pools.values():
             queued = 0
@@ -950,9 +954,11 @@ class Simulator:
                     waiting = server.sched.num_waiting
                     queued += waiting
                     in_flight[model] += len(server.requests)
-                    on_demand[model] += sum(
-                        1 for r in server.requests.values() if not r.cls.spot_eligible
-                    )
+                    classes = by_class.setdefault(model, Counter())
+                    active = tenants.setdefault(model, set())
+                    for r in server.requests.values():
+                        classes[r.cls.name] += 1
+                        active.add(r.tenant)
             queued_by_model[model] += queued
             pools[pool.name] = autoscale.PoolSignals(
                 requested=pool.requested,
@@ -966,7 +972,10 @@ class Simulator:
             slo = self._period_slo.get(model)
             models[model] = autoscale.ModelSignals(
                 in_flight=float(in_flight[model]),
-                on_demand_in_flight=float(on_demand[model]),
+                by_class={c: float(n) for c, n in by_class.get(model, Counter()).items()},
+                tenants=frozenset(
+                    tenants.get(model, set()) | self._period_tenants.get(model, set())
+                ),
                 arrivals_per_s=self._arrivals[model] / period,
                 mean_service_s=sum(service) / len(service) if service else None,
                 slo_attainment=sum(slo) / len(slo) if slo else None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from runtime.controller.autoscaling import (
     budget_left_per_hour,
 )
 from runtime.controller.ledger import Ledger
+from runtime.leases import Usage
 from runtime.protocol import ClassCounters, InstanceSnapshot
 from runtime.spec import parse_fleet
 
@@ -72,6 +73,7 @@ class Agent:
     agent_id: str
     boot_id: str
     instance: InstanceSnapshot
+    recent_use: dict[str, Usage] = field(default_factory=dict)
 
 
 def agent(
@@ -82,6 +84,7 @@ def agent(
     boot: str = "b1",
     healthy: bool = True,
     queued: int = 0,
+    tenants: tuple[str, ...] = (),
 ) -> Agent:
     counters = {
         name: ClassCounters(admitted=a, finished=f, ttft_met=t, tpot_met=p)
@@ -96,7 +99,7 @@ def agent(
         )
         | {"served": {k: v.model_dump() for k, v in counters.items()}}
     )
-    return Agent(agent_id, boot, instance)
+    return Agent(agent_id, boot, instance, {t: Usage(requests_per_minute=6.0) for t in tenants})
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,13 +114,13 @@ def test_arrivals_and_slo_attainment_come_from_counter_differences() -> None:
     assert first.models["tiny"].arrivals_per_s == 0.0
     assert first.models["tiny"].slo_attainment is None
     assert first.models["tiny"].in_flight == 5
-    assert first.models["tiny"].on_demand_in_flight == 5
+    assert first.models["tiny"].by_class == {"critical": 5}
 
     second = collector.collect(
         T0 + 10,
         [
             agent("a", "od", {"critical": (130, 120, 110, 119), "batch": (10, 10, 0, 0)}),
-            agent("b", "spot", {"batch": (4, 0, 0, 0)}, queued=2),
+            agent("b", "spot", {"batch": (4, 0, 0, 0)}, queued=2, tenants=("alpha",)),
         ],
         requested,
     )
@@ -126,7 +129,8 @@ def test_arrivals_and_slo_attainment_come_from_counter_differences() -> None:
     # Critical finished 25, both objectives met by min(20, 24) = 20; batch is sheddable.
     assert tiny.slo_attainment == pytest.approx(20 / 25)
     assert tiny.in_flight == 10 + 0 + 4
-    assert tiny.on_demand_in_flight == 10
+    assert tiny.by_class == {"critical": 10, "batch": 4}
+    assert tiny.tenants == frozenset({"alpha"})
     assert tiny.queued == 2
     assert second.pools["spot"].queued == 2
     assert second.pools["od"].ready == 1 and second.pools["spot"].ready == 1
@@ -374,8 +378,7 @@ async def test_the_controller_publishes_and_records_plans(tmp_path: Path) -> Non
             ("dear", 1, 2),
         }
         assert all(d.applied for d in decisions)
-        # The only class is not spot-eligible, so all of it is on-demand work.
-        assert any("30 in flight may not run on spot" in r for d in decisions for r in d.reasons)
+        assert any("demand 30 in flight of standard" in r for d in decisions for r in d.reasons)
         samples = await state.db(ledger.pool_samples, 0, T0 * 10)
         assert any(pool == "cheap" and s.desired == 2 for _, pool, s in samples)
 

@@ -155,3 +155,16 @@ def test_round_robin_changes_only_the_strategy(
     assert policy_fleet("fleetform", spec, [], catalog=catalog, perf=perf) == (spec, None)
     with pytest.raises(ValueError, match="unknown policy"):
         policy_fleet("random", spec, [], catalog=catalog, perf=perf)
+
+
+def test_homogeneous_of_the_prod_stack_drops_its_rollout(
+    catalog: Catalog, perf: PerformanceModel
+) -> None:
+    from runtime.spec import load_stack_file
+
+    spec = load_stack_file("stacks/Pulumi.prod.yaml", catalog=catalog)
+    assert spec.model("llama-3-1-8b").rollout is not None
+    trace = mixed(spec, synthetic(120, rate=2.0, prompt=800, output=150))
+    fleet, choice = homogeneous_fleet(spec, trace, catalog=catalog, perf=perf)
+    assert [m.rollout for m in fleet.models] == [None] * len(fleet.models)
+    assert [p.name for p in fleet.pools] == [f"homogeneous-{choice.source_pool}"]
