@@ -7,6 +7,16 @@ price-capacity-optimized above the spec's on-demand base), an IAM role and insta
 grant only Systems Manager access (no SSH, no public IP), and a security group that admits the
 agent port only from the fleet's networks. Cost tags are set on the group (propagated at launch)
 and in the template's tag specifications (instances and volumes).
+
+The pool's API endpoint (`endpoint`) is an internal Network Load Balancer in the pool's subnets
+(never internet-facing): a TCP listener on the agent port, an instance target group whose HTTP
+health check asks the agent's `/readyz` (loading and draining nodes leave rotation), and the Auto
+Scaling group registering every node it launches in it. The NLB has its own security group
+(the agent port from the fleet's networks), and the nodes' security group admits the agent port
+from that group too: the NLB preserves client addresses, and its health checks come from its
+own private addresses, which this rule covers without knowing the VPC's CIDR (AWS's documented
+way for NLBs with security groups). The subnets must be in distinct availability zones (one NLB
+subnet per zone).
 """
 
 import json
@@ -17,10 +27,18 @@ import pulumi
 import pulumi_aws.autoscaling as autoscaling
 import pulumi_aws.ec2 as ec2
 import pulumi_aws.iam as iam
+import pulumi_aws.lb as lb
 import pulumi_aws.ssm as ssm
 
 from . import naming
-from .plan import PoolPlan, aws_ami_parameter, aws_instances_distribution, boot_disk_gb
+from .plan import (
+    LoadBalancerPlan,
+    PoolPlan,
+    api_endpoint,
+    aws_ami_parameter,
+    aws_instances_distribution,
+    boot_disk_gb,
+)
 from .settings import AwsPlacement
 from .userdata import base64_user_data
 
@@ -41,13 +59,18 @@ EC2_TRUST_POLICY = {
 
 
 class AwsPool(pulumi.ComponentResource):
-    """An AWS pool: launch template, Auto Scaling group, IAM role, security group."""
+    """An AWS pool: launch template, Auto Scaling group, IAM role, security group, and (given a
+    `load_balancer` plan) an internal NLB in front of the agents."""
 
     group_name: pulumi.Output[str]
     launch_template_id: pulumi.Output[str]
     security_group_id: pulumi.Output[str]
     role_arn: pulumi.Output[str]
     ami_id: pulumi.Output[str]
+    endpoint: pulumi.Output[str] | None
+    """`http://<NLB DNS name>:<agent port>/v1`; None without a load balancer."""
+    load_balancer_arn: pulumi.Output[str] | None
+    target_group_arn: pulumi.Output[str] | None
 
     def __init__(
         self,
@@ -58,6 +81,7 @@ class AwsPool(pulumi.ComponentResource):
         fleet_cidrs: pulumi.Input[list[str]],
         agent_port: int,
         user_data: Callable[[bool], pulumi.Output[str]],
+        load_balancer: LoadBalancerPlan | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__(TYPE, name, None, opts)
@@ -65,6 +89,56 @@ class AwsPool(pulumi.ComponentResource):
         region = pool.region
         tags = plan.tags("aws")
         child = pulumi.ResourceOptions(parent=self)
+
+        lb_security_group: ec2.SecurityGroup | None = None
+        ingress: list[dict[str, Any]] = [
+            {
+                "description": "fleetform agent",
+                "protocol": "tcp",
+                "from_port": agent_port,
+                "to_port": agent_port,
+                "cidr_blocks": fleet_cidrs,
+            }
+        ]
+        if load_balancer is not None:
+            lb_security_group = ec2.SecurityGroup(
+                naming.child_name(name, "nlb-sg"),
+                region=region,
+                vpc_id=placement.vpc_id,
+                description=f"Fleetform NLB of pool {pool.name}: agent port from the fleet only",
+                ingress=[
+                    {
+                        "description": "fleetform API",
+                        "protocol": "tcp",
+                        "from_port": load_balancer.port,
+                        "to_port": load_balancer.port,
+                        "cidr_blocks": fleet_cidrs,
+                    }
+                ],
+                # Only to the agent port: forwarded traffic and health checks. The NLB sends
+                # to its registered targets only; the VPC's CIDR is not known here.
+                egress=[
+                    {
+                        "protocol": "tcp",
+                        "from_port": load_balancer.port,
+                        "to_port": load_balancer.port,
+                        "cidr_blocks": ["0.0.0.0/0"],
+                    }
+                ],
+                tags=tags,
+                opts=child,
+            )
+            ingress.append(
+                {
+                    # Health checks come from the NLB's private addresses; forwarded traffic
+                    # keeps the client's (admitted above, and by this rule as AWS documents).
+                    "description": "fleetform agent via the pool's NLB (traffic, health checks)",
+                    "protocol": "tcp",
+                    "from_port": agent_port,
+                    "to_port": agent_port,
+                    "security_groups": [lb_security_group.id],
+                }
+            )
 
         ami = ssm.get_parameter_output(
             name=aws_ami_parameter(plan.record),
@@ -89,15 +163,7 @@ class AwsPool(pulumi.ComponentResource):
             region=region,
             vpc_id=placement.vpc_id,
             description=f"Fleetform agents of pool {pool.name}: agent port from the fleet only",
-            ingress=[
-                {
-                    "description": "fleetform agent",
-                    "protocol": "tcp",
-                    "from_port": agent_port,
-                    "to_port": agent_port,
-                    "cidr_blocks": fleet_cidrs,
-                }
-            ],
+            ingress=ingress,
             # Nodes fetch the wheel, model weights and OS packages, and push to the controller.
             egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
             tags=tags,
@@ -163,6 +229,64 @@ class AwsPool(pulumi.ComponentResource):
             }
             # Replace a spot node AWS says is at risk before it is interrupted.
             group_args["capacity_rebalance"] = True
+
+        nlb: lb.LoadBalancer | None = None
+        target_group: lb.TargetGroup | None = None
+        if load_balancer is not None:
+            assert lb_security_group is not None
+            health = load_balancer.health
+            # Names are left to Pulumi's auto-naming, which keeps to the 32 characters AWS
+            # allows NLBs and target groups (a random suffix also lets them be replaced).
+            nlb = lb.LoadBalancer(
+                naming.child_name(name, "nlb"),
+                region=region,
+                internal=True,  # never internet-facing (the no-public-ip policy checks it)
+                load_balancer_type="network",
+                ip_address_type="ipv4",
+                subnets=placement.subnet_ids,
+                security_groups=[lb_security_group.id],
+                # GPU capacity is scarce per zone: a zone's NLB address must reach the nodes
+                # of the other zones when its own has none.
+                enable_cross_zone_load_balancing=True,
+                tags=tags,
+                opts=child,
+            )
+            target_group = lb.TargetGroup(
+                naming.child_name(name, "tg"),
+                region=region,
+                vpc_id=placement.vpc_id,
+                target_type="instance",
+                protocol="TCP",
+                port=load_balancer.port,
+                deregistration_delay=load_balancer.drain_s,
+                health_check={
+                    "enabled": True,
+                    "protocol": "HTTP",
+                    "path": health.path,
+                    "port": "traffic-port",
+                    "matcher": "200",
+                    "interval": health.interval_s,
+                    "timeout": health.timeout_s,
+                    "healthy_threshold": health.healthy_threshold,
+                    "unhealthy_threshold": health.unhealthy_threshold,
+                },
+                tags=tags,
+                opts=child,
+            )
+            lb.Listener(
+                naming.child_name(name, "listener"),
+                region=region,
+                load_balancer_arn=nlb.arn,
+                port=load_balancer.port,
+                protocol="TCP",
+                default_actions=[{"type": "forward", "target_group_arn": target_group.arn}],
+                tags=tags,
+                opts=child,
+            )
+            # Instances register themselves at launch and deregister (after the drain delay)
+            # before they terminate. The group's own health check stays EC2: an ELB check
+            # would replace nodes that are merely loading or draining.
+            group_args["target_group_arns"] = [target_group.arn]
         group = autoscaling.Group(
             naming.child_name(name, "asg"),
             region=region,
@@ -185,12 +309,24 @@ class AwsPool(pulumi.ComponentResource):
         self.security_group_id = security_group.id
         self.role_arn = role.arn
         self.ami_id = ami.value
-        self.register_outputs(
-            {
-                "group_name": self.group_name,
-                "launch_template_id": self.launch_template_id,
-                "security_group_id": self.security_group_id,
-                "role_arn": self.role_arn,
-                "ami_id": self.ami_id,
-            }
-        )
+        self.endpoint = None
+        self.load_balancer_arn = None
+        self.target_group_arn = None
+        outputs: dict[str, Any] = {
+            "group_name": self.group_name,
+            "launch_template_id": self.launch_template_id,
+            "security_group_id": self.security_group_id,
+            "role_arn": self.role_arn,
+            "ami_id": self.ami_id,
+        }
+        if nlb is not None and target_group is not None and load_balancer is not None:
+            port = load_balancer.port
+            self.endpoint = nlb.dns_name.apply(lambda host: api_endpoint(host, port))
+            self.load_balancer_arn = nlb.arn
+            self.target_group_arn = target_group.arn
+            outputs.update(
+                endpoint=self.endpoint,
+                load_balancer_arn=self.load_balancer_arn,
+                target_group_arn=self.target_group_arn,
+            )
+        self.register_outputs(outputs)

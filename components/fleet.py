@@ -8,8 +8,10 @@ resources: `fleetform up` runs them on the machine at hand; they are listed in `
 
 Outputs are plain strings and numbers (so YAML and TypeScript programs can use them through the
 component provider) beside the resource objects (`pools`, `clusters`, `controller`): API
-endpoints, the controller URL, the estimated hourly cost on-demand and spot per pool and in total
-(runtime.plan's figures), and each tenant's quota summary.
+endpoints (a kubernetes pool's Service; an AWS, GCP or Azure pool's internal load balancer, which
+health-checks the agents' `/readyz`; TPU pools have none), the controller URL, the estimated
+hourly cost on-demand and spot per pool and in total (runtime.plan's figures), and each tenant's
+quota summary.
 
 API keys never reach a node: key references are resolved to SHA-256 digests here (`config:`
 references from the program's secrets, `env:`/`file:` on the machine running Pulumi) and node
@@ -38,6 +40,7 @@ from .plan import (
     key_digests,
     key_references,
     kubernetes_clusters,
+    load_balancer_plan,
     needs_key_value,
     plan_pool,
     with_key_digests,
@@ -66,7 +69,9 @@ class InferenceFleet(pulumi.ComponentResource):
     local_pools: pulumi.Output[list[str]]
     """Pools with no cloud resources: `fleetform up` runs them locally."""
     api_endpoints: pulumi.Output[dict[str, str]]
-    """OpenAI-compatible base URL per pool that has one (kubernetes pools: the Service)."""
+    """OpenAI-compatible base URL per pool that has one: kubernetes pools, their Service; AWS,
+    GCP and Azure pools, their internal load balancer (`http://<address>:<port>/v1`). Local and
+    TPU pools have none."""
     controller_url: pulumi.Output[str]
     """The URL agents push to; empty when the fleet has no controller."""
     on_demand_usd_per_hour: pulumi.Output[float]
@@ -221,43 +226,53 @@ class InferenceFleet(pulumi.ComponentResource):
             pool_name = naming.pool_component_name(name, pool.name)
             child = pulumi.ResourceOptions(parent=self)
             network = settings.network
+            # None for pools without one (TPU, kubernetes, local): see plan.load_balancer_reason.
+            balancer = load_balancer_plan(plan, agent.port, agent.drain_timeout_s)
+            vm_pool: Any = None
             if pool.cloud == "aws":
                 from .aws import AwsPool
 
-                self.pools[pool.name] = AwsPool(
+                vm_pool = AwsPool(
                     pool_name,
                     plan,
                     network.placement(pool),  # type: ignore[arg-type]
                     fleet_cidrs=network.fleet_cidrs,
                     agent_port=agent.port,
                     user_data=user_data(plan, "aws"),
+                    load_balancer=balancer,
                     opts=child,
                 )
             elif pool.cloud == "gcp":
                 from .gcp import GcpPool
 
-                self.pools[pool.name] = GcpPool(
+                vm_pool = GcpPool(
                     pool_name,
                     plan,
                     network.placement(pool),  # type: ignore[arg-type]
                     fleet_cidrs=network.fleet_cidrs,
                     agent_port=agent.port,
                     user_data=user_data(plan, "gcp"),
+                    load_balancer=balancer,
                     opts=child,
                 )
             elif pool.cloud == "azure":
                 from .azure import AzurePool
 
-                self.pools[pool.name] = AzurePool(
+                vm_pool = AzurePool(
                     pool_name,
                     plan,
                     network.placement(pool),  # type: ignore[arg-type]
                     fleet_cidrs=network.fleet_cidrs,
                     agent_port=agent.port,
                     user_data=user_data(plan, "azure"),
+                    load_balancer=balancer,
                     opts=child,
                 )
-            elif pool.cloud == "kubernetes":
+            if vm_pool is not None:
+                self.pools[pool.name] = vm_pool
+                if vm_pool.endpoint is not None:
+                    endpoints[pool.name] = vm_pool.endpoint
+            if pool.cloud == "kubernetes":
                 from .kubernetes import KubernetesPool
 
                 k8s_pool = KubernetesPool(

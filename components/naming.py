@@ -33,10 +33,12 @@ K8S_NAME_MAX = 63
 K8S_LABEL_VALUE_MAX = 63
 AZURE_COMPUTER_PREFIX_MAX = 9  # Linux VMSS: the prefix plus 6 generated characters
 AWS_NAME_PREFIX_MAX = 32  # launch templates / IAM names get a random suffix after it
+AZURE_NAME_MAX = 80  # load balancers, network security groups
 
 _GCP_LABEL_BAD = re.compile(r"[^a-z0-9_-]+")
 _DNS_BAD = re.compile(r"[^a-z0-9-]+")
 _K8S_VALUE_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
+_AZURE_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def child_name(component: str, suffix: str) -> str:
@@ -92,6 +94,14 @@ def azure_computer_prefix(pool: str) -> str:
     if len(letters) <= AZURE_COMPUTER_PREFIX_MAX:
         return letters
     return letters[: AZURE_COMPUTER_PREFIX_MAX - 3] + _digest(pool, 3)
+
+
+def azure_name(text: str, limit: int = AZURE_NAME_MAX) -> str:
+    """An Azure network resource name (load balancers and the like): letters, digits, '_', '.'
+    and '-', starting with a letter or digit, ending with a letter, digit or '_'."""
+    name = _AZURE_NAME_BAD.sub("-", text).lstrip("_.-")
+    name = shorten(name or "fleetform", limit).rstrip(".-")
+    return name or "fleetform"
 
 
 def tenant_tag(tenants: Iterable[str]) -> str:

@@ -6,6 +6,8 @@ as plain data the ComponentResources turn into resources one to one:
 - per pool (`plan_pool`): the catalog record, the accelerator family and its Kubernetes
   resource name, CPU architecture, OS image (AWS SSM public parameter, GCP image, Azure image
   reference), replica bounds, how spot and on-demand capacity are split, cost tags;
+- VM pools' internal load balancers (`load_balancer_plan`): which pools get one, the port, the
+  `/readyz` health check and its timing, the drain delay, the endpoint URL, Azure child IDs;
 - Kubernetes: pod resources, node selectors and tolerations, PriorityClass values, and each
   tenant's ResourceQuota over accelerators, CPU and memory;
 - API keys: which key references a fleet needs and the spec with each replaced by its digest,
@@ -282,6 +284,128 @@ def azure_image(record: InstanceRecord) -> dict[str, str]:
 def boot_disk_gb(family: AcceleratorFamily | None) -> int:
     # Model weights and the upstream server's wheels land on the boot disk.
     return BOOT_DISK_GB[family or "cpu"]
+
+
+# --------------------------------------------------------------------------------------------
+# Internal load balancers: the API endpoint of a VM pool
+
+# The agent answers 200 only when it can take requests: 503 while the model loads and from the
+# first moment of a drain (SIGTERM, spot notice, /admin/drain), so health checks on it take
+# loading and draining nodes out of rotation (runtime.agent.app.readyz).
+AGENT_READY_PATH = "/readyz"
+API_BASE_PATH = "/v1"  # the agent's OpenAI-compatible routes
+# Health checks: a node that turns unready leaves rotation within interval x unhealthy (10 s),
+# well inside the agent's default 30 s drain. Every cloud accepts these values: AWS NLB (HTTP:
+# interval 5-300, timeout 2-120 and below the interval, thresholds 2-10), GCP (timeout <=
+# interval), Azure (interval >= 5; no timeout of its own).
+HEALTH_INTERVAL_S = 5
+HEALTH_TIMEOUT_S = 3
+HEALTHY_THRESHOLD = 2
+UNHEALTHY_THRESHOLD = 2
+# AWS deregistration delay and GCP connection draining take at most an hour.
+MAX_DRAIN_S = 3600
+# Where Google's health checks (and the internal passthrough load balancer's) come from: a
+# firewall rule must admit them to the agent port.
+GCP_HEALTH_CHECK_RANGES = ("35.191.0.0/16", "130.211.0.0/22")
+# Azure probes come from 168.63.129.16, named by this service tag in NSG rules.
+AZURE_PROBE_SOURCE = "AzureLoadBalancer"
+AZURE_LB_CHILD_KINDS = ("frontendIPConfigurations", "backendAddressPools", "probes")
+_AZURE_SUBSCRIPTION = re.compile(r"^/subscriptions/([^/]+)/", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HealthCheckPlan:
+    """An HTTP health check of the agent (the same on every cloud)."""
+
+    path: str
+    port: int
+    interval_s: int
+    timeout_s: int
+    healthy_threshold: int
+    unhealthy_threshold: int
+
+    @property
+    def out_of_rotation_s(self) -> int:
+        """Worst case from a node turning unready to the load balancer leaving it out."""
+        return self.interval_s * self.unhealthy_threshold
+
+
+@dataclass(frozen=True)
+class LoadBalancerPlan:
+    """The internal load balancer in front of a VM pool's agents."""
+
+    port: int  # listener / forwarding rule / rule port: the agent's own, end to end
+    health: HealthCheckPlan
+    # How long a node leaving the pool (scale-in) keeps its open connections: the agent's drain
+    # timeout, so streams in flight may finish (AWS deregistration delay, GCP draining).
+    drain_s: int
+
+
+def load_balancer_reason(plan: PoolPlan) -> str | None:
+    """Why a pool gets no internal load balancer (None: it gets one)."""
+    cloud = plan.pool.cloud
+    if cloud == "kubernetes":
+        return "kubernetes pools are served by their ClusterIP Service"
+    if cloud == "local":
+        return "local pools run on the machine at hand"
+    if cloud == "gcp" and plan.family == "tpu":
+        # A passthrough load balancer's backends are instance groups or GCE_VM_IP network
+        # endpoint groups, both made of Compute Engine instances; TPU VMs are not.
+        return "TPU VMs cannot join an instance group or a GCE_VM_IP network endpoint group"
+    return None
+
+
+def load_balancer_plan(
+    plan: PoolPlan, agent_port: int, drain_timeout_s: float
+) -> LoadBalancerPlan | None:
+    """The load balancer of a VM pool, or None when it gets none (`load_balancer_reason`)."""
+    if load_balancer_reason(plan) is not None:
+        return None
+    if not 1 <= agent_port <= 65535:
+        raise PlanError(f"pool {plan.name}: {agent_port} is not a port number")
+    if drain_timeout_s < 0:
+        raise PlanError(f"pool {plan.name}: negative drain timeout {drain_timeout_s}")
+    return LoadBalancerPlan(
+        port=agent_port,
+        health=HealthCheckPlan(
+            path=AGENT_READY_PATH,
+            port=agent_port,
+            interval_s=HEALTH_INTERVAL_S,
+            timeout_s=HEALTH_TIMEOUT_S,
+            healthy_threshold=HEALTHY_THRESHOLD,
+            unhealthy_threshold=UNHEALTHY_THRESHOLD,
+        ),
+        drain_s=min(math.ceil(drain_timeout_s), MAX_DRAIN_S),
+    )
+
+
+def api_endpoint(host: str, port: int) -> str:
+    """The OpenAI-compatible base URL of an agent address (a load balancer's)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{port}{API_BASE_PATH}"
+
+
+def azure_subscription(resource_id: str) -> str:
+    """The subscription of an Azure resource ID. A pool's load balancer frontend sits in its
+    subnet, which must be in the pool's own subscription (as its scale sets' NICs must)."""
+    match = _AZURE_SUBSCRIPTION.match(resource_id)
+    if not match:
+        raise PlanError(f"{resource_id!r} is not an Azure resource ID (/subscriptions/...)")
+    return match.group(1)
+
+
+def azure_lb_child_id(
+    subscription: str, resource_group: str, load_balancer: str, kind: str, child: str
+) -> str:
+    """The ID of a load balancer's frontend, backend pool or probe: the load balancer's own
+    rules (and its scale sets) refer to them by ID before the load balancer exists."""
+    if kind not in AZURE_LB_CHILD_KINDS:
+        raise PlanError(f"unknown load balancer child kind {kind!r}")
+    return (
+        f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/"
+        f"Microsoft.Network/loadBalancers/{load_balancer}/{kind}/{child}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

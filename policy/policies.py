@@ -39,8 +39,11 @@ Policies (name: rule; enforcement):
   receive that token; no pod spec carries a token in clear; mandatory.
 - `agent-token-secret`: an agent Deployment whose node config names the token variable gets it
   from a Secret of the stack that holds it; mandatory.
-- `no-public-ip`: no node gets a public address and no Service is exposed outside the network
-  (LoadBalancer without an internal annotation, NodePort, externalIPs); mandatory.
+- `no-public-ip`: no node gets a public address, no Service is exposed outside the network
+  (LoadBalancer without an internal annotation, NodePort, externalIPs), and no cloud load
+  balancer faces the internet (an AWS load balancer that is not `internal`, a GCP forwarding rule
+  or backend service of an EXTERNAL scheme, an Azure load balancer with a public frontend);
+  mandatory.
 """
 
 from __future__ import annotations
@@ -101,6 +104,19 @@ K8S_STATEFUL_SET = "kubernetes:apps/v1:StatefulSet"
 K8S_CONFIG_MAP = "kubernetes:core/v1:ConfigMap"
 K8S_SECRET = "kubernetes:core/v1:Secret"
 K8S_SERVICE = "kubernetes:core/v1:Service"
+# Load balancers: the pools' API endpoints, and what could expose them.
+AWS_LOAD_BALANCERS = frozenset(
+    {
+        "aws:lb/loadBalancer:LoadBalancer",
+        "aws:alb/loadBalancer:LoadBalancer",  # the same resource under its older module
+        "aws:elb/loadBalancer:LoadBalancer",  # Classic: internal defaults to false too
+    }
+)
+GCP_FORWARDING_RULE = "gcp:compute/forwardingRule:ForwardingRule"
+GCP_GLOBAL_FORWARDING_RULE = "gcp:compute/globalForwardingRule:GlobalForwardingRule"
+GCP_REGION_BACKEND_SERVICE = "gcp:compute/regionBackendService:RegionBackendService"
+GCP_BACKEND_SERVICE = "gcp:compute/backendService:BackendService"
+AZURE_LOAD_BALANCER = "azure-native:network:LoadBalancer"
 
 # What launches machines (or, on Kubernetes, the pods that occupy accelerator nodes): the
 # resources that must carry cost tags and pass the region and family rules.
@@ -153,6 +169,16 @@ INTERNAL_LB_ANNOTATIONS: Mapping[str, tuple[str, ...]] = {
     "networking.gke.io/load-balancer-type": ("internal",),
     "cloud.google.com/load-balancer-type": ("internal",),
     "service.beta.kubernetes.io/azure-load-balancer-internal": ("true",),
+}
+
+# GCP load-balancing schemes that give an internal address only. Forwarding rules and global
+# backend services default to EXTERNAL when unset; regional backend services to INTERNAL.
+GCP_INTERNAL_SCHEMES = frozenset({"INTERNAL", "INTERNAL_MANAGED", "INTERNAL_SELF_MANAGED"})
+GCP_SCHEME_DEFAULTS: Mapping[str, str] = {
+    GCP_FORWARDING_RULE: "EXTERNAL",
+    GCP_GLOBAL_FORWARDING_RULE: "EXTERNAL",
+    GCP_REGION_BACKEND_SERVICE: "INTERNAL",
+    GCP_BACKEND_SERVICE: "EXTERNAL",
 }
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -940,6 +966,31 @@ def public_ip_problems(resource_type: str, props: Mapping[str, Any]) -> list[str
             problems.append("type NodePort opens the port on every node's address")
         if _items(_get(props, "spec", "externalIPs")):
             problems.append("spec.externalIPs exposes the Service on external addresses")
+    elif resource_type in AWS_LOAD_BALANCERS:
+        # Unset means internet-facing: only an explicit internal=true keeps it in the VPC.
+        if _get(props, "internal") is not True:
+            value = _get(props, "internal")
+            problems.append(
+                f"internal is {'unset' if value is None else value}: the load balancer is "
+                "internet-facing; set internal true"
+            )
+    elif resource_type in GCP_SCHEME_DEFAULTS:
+        scheme = _get(props, "loadBalancingScheme")
+        effective = GCP_SCHEME_DEFAULTS[resource_type] if scheme is None else str(scheme)
+        # A Private Service Connect endpoint sets the scheme to "": an internal address.
+        if effective != "" and effective.upper() not in GCP_INTERNAL_SCHEMES:
+            shown = f"unset (so {effective})" if scheme is None else effective
+            problems.append(
+                f"loadBalancingScheme is {shown}: an external load balancer; use INTERNAL"
+            )
+    elif resource_type == AZURE_LOAD_BALANCER:
+        for index, frontend in enumerate(_items(_get(props, "frontendIPConfigurations"))):
+            for field in ("publicIPAddress", "publicIPPrefix"):
+                if _get(frontend, field) is not None:
+                    problems.append(
+                        f"frontendIPConfigurations[{index}] ({_get(frontend, 'name')}): "
+                        f"{field} makes the load balancer public"
+                    )
     return problems
 
 
@@ -1090,7 +1141,8 @@ def build_policies(
         ),
         _resource_policy(
             "no-public-ip",
-            "Nodes get no public IP and no Service is exposed outside the network.",
+            "Nodes get no public IP, and no Service or load balancer is exposed outside the "
+            "network.",
             lambda args: public_ip_problems(args.resource_type, args.props),
             EnforcementLevel.MANDATORY,
         ),

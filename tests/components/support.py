@@ -41,6 +41,22 @@ AMI_IDS = {
 }
 
 
+def lb_dns_name(name: str, region: str) -> str:
+    """What the mocks give an AWS NLB as its DNS name."""
+    return f"{name}-0123456789abcdef.elb.{region}.amazonaws.com"
+
+
+def lb_private_ip(name: str) -> str:
+    """What the mocks give a GCP forwarding rule / Azure frontend as its private address: one
+    per name, so that the endpoints of two pools cannot be mixed up unnoticed."""
+    digest = sum(name.encode("utf-8"))
+    return f"10.{digest % 200 + 1}.{len(name)}.{digest % 250 + 2}"
+
+
+def instance_group_url(name: str, region: str) -> str:
+    return f"projects/p/regions/{region}/instanceGroups/{name}"
+
+
 @dataclass(frozen=True)
 class Resource:
     urn: str
@@ -72,6 +88,21 @@ class FleetMocks(pulumi.runtime.Mocks):
             state.setdefault("name", f"{args.name}-0001")
         elif typ == "azure-native:compute:VirtualMachineScaleSet":
             state.setdefault("name", args.name)
+        # Load balancers: the addresses the pools' endpoints are made of.
+        elif typ == "aws:lb/loadBalancer:LoadBalancer":
+            state["arn"] = f"arn:aws:elasticloadbalancing:{state['region']}:1:lb/{args.name}"
+            state["dnsName"] = lb_dns_name(args.name, state["region"])
+        elif typ == "aws:lb/targetGroup:TargetGroup":
+            state["arn"] = f"arn:aws:elasticloadbalancing:{state['region']}:1:tg/{args.name}"
+        elif typ == "gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager":
+            state["instanceGroup"] = instance_group_url(args.name, state["region"])
+        elif typ == "gcp:compute/forwardingRule:ForwardingRule":
+            state["ipAddress"] = lb_private_ip(args.name)
+        elif typ == "azure-native:network:LoadBalancer":
+            state["frontendIPConfigurations"] = [
+                {**frontend, "privateIPAddress": lb_private_ip(args.name)}
+                for frontend in state["frontendIPConfigurations"]
+            ]
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pulumi
 import pytest
 
 from components.aws import SSM_CORE_POLICY
@@ -17,6 +19,7 @@ from .support import (
     Program,
     cloud_init_schema,
     decode_base64,
+    lb_dns_name,
     load_stack,
     user_data_files,
 )
@@ -36,17 +39,25 @@ def test_one_pool_component_each_with_its_children(prod: Program) -> None:
             "aws:autoscaling/group:Group",
             "aws:ec2/launchTemplate:LaunchTemplate",
             "aws:ec2/securityGroup:SecurityGroup",
+            "aws:ec2/securityGroup:SecurityGroup",
             "aws:iam/instanceProfile:InstanceProfile",
             "aws:iam/role:Role",
             "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
+            "aws:lb/listener:Listener",
+            "aws:lb/loadBalancer:LoadBalancer",
+            "aws:lb/targetGroup:TargetGroup",
         ]
         assert sorted(c.name.removeprefix(pool.name) for c in children) == [
             "-asg",
+            "-listener",
             "-lt",
+            "-nlb",
+            "-nlb-sg",
             "-profile",
             "-role",
             "-sg",
             "-ssm",
+            "-tg",
         ]
         asg = next(c for c in children if c.type == "aws:autoscaling/group:Group")
         assert prod.parent_chain(asg) == [
@@ -160,10 +171,115 @@ def test_security_group_admits_the_agent_port_only_from_the_fleet(prod: Program)
                 "fromPort": 8080,
                 "toPort": 8080,
                 "cidrBlocks": FLEET_CIDRS,
-            }
+            },
+            {
+                # The NLB's own group: its health checks come from its private addresses.
+                "description": "fleetform agent via the pool's NLB (traffic, health checks)",
+                "protocol": "tcp",
+                "fromPort": 8080,
+                "toPort": 8080,
+                "securityGroups": [f"acme-{name}-nlb-sg-id"],
+            },
         ]
         template = prod.by_name(f"acme-{name}-lt").state
         assert template["networkInterfaces"][0]["securityGroups"] == [f"acme-{name}-sg-id"]
+        # The NLB admits the agent port from the fleet's networks only.
+        nlb_group = prod.by_name(f"acme-{name}-nlb-sg").state
+        assert nlb_group["vpcId"] == vpc
+        assert nlb_group["ingress"] == [
+            {
+                "description": "fleetform API",
+                "protocol": "tcp",
+                "fromPort": 8080,
+                "toPort": 8080,
+                "cidrBlocks": FLEET_CIDRS,
+            }
+        ]
+        assert nlb_group["egress"] == [
+            {"protocol": "tcp", "fromPort": 8080, "toPort": 8080, "cidrBlocks": ["0.0.0.0/0"]}
+        ]
+
+
+def test_each_pool_has_an_internal_nlb_its_group_registers_in(prod: Program) -> None:
+    nlbs = prod.of_type("aws:lb/loadBalancer:LoadBalancer")
+    groups = prod.of_type("aws:lb/targetGroup:TargetGroup")
+    listeners = prod.of_type("aws:lb/listener:Listener")
+    assert [r.name for r in nlbs] == sorted(f"acme-{name}-nlb" for name in POOLS)
+    assert [r.name for r in groups] == sorted(f"acme-{name}-tg" for name in POOLS)
+    assert [r.name for r in listeners] == sorted(f"acme-{name}-listener" for name in POOLS)
+    for name in POOLS:
+        region = "us-west-2" if "usw2" in name else "us-east-1"
+        nlb = prod.by_name(f"acme-{name}-nlb")
+        assert nlb.state["internal"] is True
+        assert (nlb.state["loadBalancerType"], nlb.state["region"]) == ("network", region)
+        assert nlb.state["subnets"] == (USW2_SUBNETS if "usw2" in name else USE1_SUBNETS)
+        assert nlb.state["securityGroups"] == [f"acme-{name}-nlb-sg-id"]
+        assert nlb.state["enableCrossZoneLoadBalancing"] is True
+        target_group = prod.by_name(f"acme-{name}-tg").state
+        assert (target_group["targetType"], target_group["protocol"], target_group["port"]) == (
+            "instance",
+            "TCP",
+            8080,
+        )
+        assert target_group["healthCheck"] == {
+            "enabled": True,
+            "protocol": "HTTP",
+            "path": "/readyz",
+            "port": "traffic-port",
+            "matcher": "200",
+            "interval": 5,
+            "timeout": 3,
+            "healthyThreshold": 2,
+            "unhealthyThreshold": 2,
+        }
+        # Scale-in gives open streams the agent's drain timeout (prod: 30 s).
+        assert target_group["deregistrationDelay"] == 30
+        listener = prod.by_name(f"acme-{name}-listener").state
+        assert (listener["port"], listener["protocol"]) == (8080, "TCP")
+        assert listener["loadBalancerArn"] == nlb.state["arn"]
+        assert listener["defaultActions"] == [
+            {"type": "forward", "targetGroupArn": target_group["arn"]}
+        ]
+        asg = prod.by_name(f"acme-{name}-asg").state
+        assert asg["targetGroupArns"] == [target_group["arn"]]
+        # Loading and draining nodes leave the NLB's rotation; the group must not kill them.
+        assert asg["healthCheckType"] == "EC2"
+        for resource in (nlb, prod.by_name(f"acme-{name}-tg")):
+            assert resource.state["tags"]["fleetform:pool"] == name
+            assert prod.parent_chain(resource)[1:] == [
+                "fleetform:aws:AwsPool",
+                "fleetform:index:InferenceFleet",
+                "pulumi:pulumi:Stack",
+            ]
+    assert prod.values["api_endpoints"]["aws-usw2-inf2"] == (
+        f"http://{lb_dns_name('acme-aws-usw2-inf2-nlb', 'us-west-2')}:8080/v1"
+    )
+
+
+def test_a_pool_without_a_load_balancer_plan_gets_none(program: Program) -> None:
+    from components.aws import AwsPool
+    from components.plan import plan_pool
+    from components.settings import AwsPlacement
+
+    spec, _ = load_stack("Pulumi.prod.yaml")
+    plan = plan_pool(spec, spec.pool("aws-use1-cpu"), default_catalog())
+
+    def build() -> dict[str, Any]:
+        pool = AwsPool(
+            "solo",
+            plan,
+            AwsPlacement(vpc_id="vpc-1", subnet_ids=["subnet-1"]),
+            fleet_cidrs=FLEET_CIDRS,
+            agent_port=8080,
+            user_data=lambda spot: pulumi.Output.from_input("#cloud-config\n"),
+        )
+        assert pool.endpoint is None and pool.target_group_arn is None
+        return {"group": pool.group_name}
+
+    program.run(build)
+    assert not [r for r in program.resources if r.type.startswith("aws:lb/")]
+    assert "targetGroupArns" not in program.one("aws:autoscaling/group:Group").state
+    assert len(program.one("aws:ec2/securityGroup:SecurityGroup").state["ingress"]) == 1
 
 
 def test_iam_role_is_assumable_by_ec2_and_grants_only_ssm(prod: Program) -> None:

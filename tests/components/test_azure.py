@@ -13,6 +13,7 @@ from .support import (
     Program,
     cloud_init_schema,
     decode_base64,
+    lb_private_ip,
     pool_data,
     run_fleet,
     stack_variant,
@@ -23,6 +24,17 @@ SUBNET = (
     "/subscriptions/6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f/resourceGroups/acme-network-prod/"
     "providers/Microsoft.Network/virtualNetworks/inference-eus/subnets/nodes"
 )
+SUBSCRIPTION = "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+
+
+def lb_child(group: str, child: str) -> str:
+    """The ID of a part of the pool's load balancer (written out, not computed by plan.py)."""
+    return (
+        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.Network/"
+        f"loadBalancers/acme-azure-eus-a100-lb/{child}"
+    )
+
+
 TAGS = {
     "fleetform:fleet": "acme-prod",
     "fleetform:pool": "azure-eus-a100",
@@ -34,6 +46,7 @@ TAGS = {
 def test_on_demand_pool_is_one_regular_scale_set(prod: Program, tmp_path: Path) -> None:
     pool = prod.one("fleetform:azure:AzurePool")
     assert [(c.type, c.name) for c in prod.children(pool)] == [
+        ("azure-native:network:LoadBalancer", "acme-azure-eus-a100-lb"),
         ("azure-native:network:NetworkSecurityGroup", "acme-azure-eus-a100-nsg"),
         ("azure-native:compute:VirtualMachineScaleSet", "acme-azure-eus-a100-vmss"),
     ]
@@ -57,7 +70,14 @@ def test_on_demand_pool_is_one_regular_scale_set(prod: Program, tmp_path: Path) 
     (nic,) = profile["networkProfile"]["networkInterfaceConfigurations"]
     assert nic["networkSecurityGroup"] == {"id": "acme-azure-eus-a100-nsg-id"}
     assert nic["ipConfigurations"] == [
-        {"name": "primary", "primary": True, "subnet": {"id": SUBNET}}
+        {
+            "name": "primary",
+            "primary": True,
+            "subnet": {"id": SUBNET},
+            "loadBalancerBackendAddressPools": [
+                {"id": lb_child("acme-inference-prod-eus", "backendAddressPools/agents")}
+            ],
+        }
     ]
     linux = profile["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
@@ -84,10 +104,68 @@ def test_security_group_admits_the_agent_port_from_the_fleet_only(prod: Program)
     rules = prod.one("azure-native:network:NetworkSecurityGroup").state["securityRules"]
     assert [(r["name"], r["priority"], r["access"]) for r in rules] == [
         ("fleetform-agent-from-fleet", 100, "Allow"),
+        # The load balancer's probes, before the deny (Azure's own allow rule comes after it).
+        ("fleetform-agent-from-lb-probes", 105, "Allow"),
         ("fleetform-agent-deny-others", 110, "Deny"),
     ]
     assert rules[0]["sourceAddressPrefixes"] == ["10.40.0.0/14", "10.44.0.0/16"]
+    assert rules[1]["sourceAddressPrefix"] == "AzureLoadBalancer"
     assert {r["destinationPortRange"] for r in rules} == {"8080"}
+
+
+def test_an_internal_load_balancer_fronts_the_scale_set(prod: Program) -> None:
+    balancer = prod.one("azure-native:network:LoadBalancer")
+    state = balancer.state
+    assert prod.parent_chain(balancer) == [
+        "azure-native:network:LoadBalancer",
+        "fleetform:azure:AzurePool",
+        "fleetform:index:InferenceFleet",
+        "pulumi:pulumi:Stack",
+    ]
+    assert (state["loadBalancerName"], state["resourceGroupName"], state["location"]) == (
+        "acme-azure-eus-a100-lb",
+        "acme-inference-prod-eus",
+        "eastus",
+    )
+    assert state["sku"] == {"name": "Standard", "tier": "Regional"}
+    assert state["tags"] == TAGS
+    (frontend,) = state["frontendIPConfigurations"]
+    # A private frontend in the pool's subnet: no public IP, no public prefix.
+    assert frontend == {
+        "name": "agent",
+        "subnet": {"id": SUBNET},
+        "privateIPAllocationMethod": "Dynamic",
+        "privateIPAddress": lb_private_ip("acme-azure-eus-a100-lb"),
+    }
+    assert state["backendAddressPools"] == [{"name": "agents"}]
+    assert state["probes"] == [
+        {
+            "name": "readyz",
+            "protocol": "Http",
+            "port": 8080,
+            "requestPath": "/readyz",
+            "intervalInSeconds": 5,
+            "probeThreshold": 2,
+        }
+    ]
+    group = "acme-inference-prod-eus"
+    assert state["loadBalancingRules"] == [
+        {
+            "name": "agent",
+            "protocol": "Tcp",
+            "frontendPort": 8080,
+            "backendPort": 8080,
+            "frontendIPConfiguration": {"id": lb_child(group, "frontendIPConfigurations/agent")},
+            "backendAddressPool": {"id": lb_child(group, "backendAddressPools/agents")},
+            "probe": {"id": lb_child(group, "probes/readyz")},
+            "enableFloatingIP": False,
+            "idleTimeoutInMinutes": 30,
+            "disableOutboundSnat": True,
+        }
+    ]
+    assert prod.values["api_endpoints"]["azure-eus-a100"] == (
+        f"http://{lb_private_ip('acme-azure-eus-a100-lb')}:8080/v1"
+    )
 
 
 def test_spot_pool_gets_spot_priority_eviction_and_max_price(program: Program) -> None:
@@ -99,11 +177,22 @@ def test_spot_pool_gets_spot_priority_eviction_and_max_price(program: Program) -
     run_fleet(program, spec, settings, api_keys=PROD_KEYS)
     pool = program.one("fleetform:azure:AzurePool")
     assert [c.name for c in program.children(pool)] == [
+        "acme-azure-eus-a100-lb",
         "acme-azure-eus-a100-nsg",
         "acme-azure-eus-a100-rg",
         "acme-azure-eus-a100-vmss-od",
         "acme-azure-eus-a100-vmss-spot",
     ]
+    # Both scale sets join the one backend pool, in the resource group the pool created.
+    backend_pool = lb_child("acme-azure-eus-a100-rg-0001", "backendAddressPools/agents")
+    for name in ("acme-azure-eus-a100-vmss-od", "acme-azure-eus-a100-vmss-spot"):
+        profile = program.by_name(name).state["virtualMachineProfile"]
+        (nic,) = profile["networkProfile"]["networkInterfaceConfigurations"]
+        (ip,) = nic["ipConfigurations"]
+        assert ip["loadBalancerBackendAddressPools"] == [{"id": backend_pool}]
+    balancer = program.one("azure-native:network:LoadBalancer").state
+    assert balancer["resourceGroupName"] == "acme-azure-eus-a100-rg-0001"
+    assert balancer["loadBalancingRules"][0]["backendAddressPool"] == {"id": backend_pool}
     group = program.one("azure-native:resources:ResourceGroup").state
     assert (group["location"], group["tags"]) == ("eastus", TAGS)
     on_demand = program.by_name("acme-azure-eus-a100-vmss-od").state

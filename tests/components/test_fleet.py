@@ -21,6 +21,8 @@ from .support import (
     PROD_KEYS,
     REPO,
     Program,
+    lb_dns_name,
+    lb_private_ip,
     load_stack,
     pool_data,
     run_fleet,
@@ -61,9 +63,24 @@ def test_outputs_are_the_plan_figures(prod: Program) -> None:
         "estimatedUsdPerMonth": shares["batch-enrichment"].usd_per_month,
         "quotas": {"tokensPerMinute": 3000000, "maxConcurrency": 512, "usdPerMonth": 10000.0},
     }
+    # Every pool but the TPU one (TPU VMs cannot be load-balanced): kubernetes pools through
+    # their Service, VM pools through their internal load balancer; plain strings.
     assert values["api_endpoints"] == {
-        "k8s-eks-l4": "http://acme-prod-k8s-eks-l4.fleetform-acme-prod.svc.cluster.local:8080/v1"
+        "aws-use1-a10g": f"http://{lb_dns_name('acme-aws-use1-a10g-nlb', 'us-east-1')}:8080/v1",
+        "aws-use1-a10g-spot": (
+            f"http://{lb_dns_name('acme-aws-use1-a10g-spot-nlb', 'us-east-1')}:8080/v1"
+        ),
+        "aws-usw2-inf2": f"http://{lb_dns_name('acme-aws-usw2-inf2-nlb', 'us-west-2')}:8080/v1",
+        "gcp-usc1-l4": f"http://{lb_private_ip('acme-gcp-usc1-l4-fr')}:8080/v1",
+        "gcp-usc1-l4-spot": f"http://{lb_private_ip('acme-gcp-usc1-l4-spot-fr')}:8080/v1",
+        "azure-eus-a100": f"http://{lb_private_ip('acme-azure-eus-a100-lb')}:8080/v1",
+        "aws-use1-cpu": f"http://{lb_dns_name('acme-aws-use1-cpu-nlb', 'us-east-1')}:8080/v1",
+        "k8s-eks-l4": "http://acme-prod-k8s-eks-l4.fleetform-acme-prod.svc.cluster.local:8080/v1",
     }
+    assert sorted(values["api_endpoints"]) == sorted(
+        p.name for p in spec.pools if p.name != "gcp-usc1-tpu-v5e"
+    )
+    assert all(isinstance(url, str) for url in values["api_endpoints"].values())
     assert values["controller_url"] == "https://fleetform-controller.prod.acme.internal"
     assert values["local_pools"] == []
 
@@ -111,7 +128,12 @@ def test_dev_stack_resolves_env_key_references_on_the_deploying_machine(
     assert node["tenants"][0]["key_sha256"] == [hash_api_key("dev-key-app")]
     assert node["controller_url"] == "http://fleetform-controller.dev.acme.internal:8700"
     assert program.values["controller_url"] == "http://fleetform-controller.dev.acme.internal:8700"
-    assert program.values["api_endpoints"] == {}
+    # Dev's VM pools (two AWS, one GCP) each get their internal load balancer.
+    assert program.values["api_endpoints"] == {
+        "aws-a10g": f"http://{lb_dns_name('dev-aws-a10g-nlb', 'us-east-1')}:8080/v1",
+        "gcp-l4": f"http://{lb_private_ip('dev-gcp-l4-fr')}:8080/v1",
+        "aws-cpu": f"http://{lb_dns_name('dev-aws-cpu-nlb', 'us-east-1')}:8080/v1",
+    }
     # No kubernetes pool, no cluster objects.
     assert [r for r in program.resources if r.type.startswith("kubernetes:")] == []
 
@@ -121,6 +143,7 @@ def test_local_pools_create_no_cloud_resources(program: Program) -> None:
     run_fleet(program, spec, settings)
     assert [r.type for r in program.resources] == ["fleetform:index:InferenceFleet"]
     assert program.values["local_pools"] == ["local-cheap", "local-dear"]
+    assert program.values["api_endpoints"] == {}
     assert (
         program.values["total_usd_per_hour"]
         == fleet_cost(spec, default_catalog()).total_usd_per_hour

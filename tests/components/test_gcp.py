@@ -13,6 +13,8 @@ from runtime.agent.config import NodeConfig
 from .support import (
     Program,
     cloud_init_schema,
+    instance_group_url,
+    lb_private_ip,
     pool_data,
     run_fleet,
     stack_variant,
@@ -167,11 +169,24 @@ def test_an_on_demand_base_becomes_its_own_on_demand_group(program: Program) -> 
     pool = program.by_name("acme-gcp-usc1-l4-spot")
     names = [c.name for c in program.children(pool)]
     assert names == [
+        "acme-gcp-usc1-l4-spot-be",
+        "acme-gcp-usc1-l4-spot-fr",
         "acme-gcp-usc1-l4-spot-fw",
+        "acme-gcp-usc1-l4-spot-hc",
+        "acme-gcp-usc1-l4-spot-hc-fw",
         "acme-gcp-usc1-l4-spot-mig-od",
         "acme-gcp-usc1-l4-spot-mig-spot",
         "acme-gcp-usc1-l4-spot-tpl-od",
         "acme-gcp-usc1-l4-spot-tpl-spot",
+    ]
+    # Both groups sit behind the pool's one internal load balancer.
+    backend = program.by_name("acme-gcp-usc1-l4-spot-be").state
+    assert backend["backends"] == [
+        {
+            "group": instance_group_url(f"acme-gcp-usc1-l4-spot-mig-{suffix}", "us-central1"),
+            "balancingMode": "CONNECTION",
+        }
+        for suffix in ("od", "spot")
     ]
     assert program.by_name("acme-gcp-usc1-l4-spot-mig-od").state["targetSize"] == 1
     assert program.by_name("acme-gcp-usc1-l4-spot-mig-spot").state["targetSize"] == 2
@@ -179,3 +194,83 @@ def test_an_on_demand_base_becomes_its_own_on_demand_group(program: Program) -> 
     assert od["scheduling"]["provisioningModel"] == "STANDARD"
     od_config = json.loads(user_data_files(od["metadata"]["user-data"])["/etc/fleetform/node.json"])
     assert (od_config["spot"], od_config["price_usd_per_hour"]) == (False, 0.85362)
+
+
+LB_POOLS = ("gcp-usc1-l4", "gcp-usc1-l4-spot")
+
+
+def test_gpu_pools_get_an_internal_passthrough_load_balancer(prod: Program) -> None:
+    checks = prod.of_type("gcp:compute/regionHealthCheck:RegionHealthCheck")
+    backends = prod.of_type("gcp:compute/regionBackendService:RegionBackendService")
+    rules = prod.of_type("gcp:compute/forwardingRule:ForwardingRule")
+    assert [r.name for r in checks] == [f"acme-{p}-hc" for p in LB_POOLS]
+    assert [r.name for r in backends] == [f"acme-{p}-be" for p in LB_POOLS]
+    assert [r.name for r in rules] == [f"acme-{p}-fr" for p in LB_POOLS]
+    for pool in LB_POOLS:
+        check = prod.by_name(f"acme-{pool}-hc").state
+        assert check["httpHealthCheck"] == {"port": 8080, "requestPath": "/readyz"}
+        assert (check["region"], check["checkIntervalSec"], check["timeoutSec"]) == (
+            "us-central1",
+            5,
+            3,
+        )
+        assert (check["healthyThreshold"], check["unhealthyThreshold"]) == (2, 2)
+        backend = prod.by_name(f"acme-{pool}-be").state
+        assert (backend["loadBalancingScheme"], backend["protocol"], backend["region"]) == (
+            "INTERNAL",
+            "TCP",
+            "us-central1",
+        )
+        assert backend["healthChecks"] == f"acme-{pool}-hc-id"
+        assert backend["backends"] == [
+            {
+                "group": instance_group_url(f"acme-{pool}-mig", "us-central1"),
+                "balancingMode": "CONNECTION",
+            }
+        ]
+        assert backend["connectionDrainingTimeoutSec"] == 30
+        rule = prod.by_name(f"acme-{pool}-fr").state
+        assert (rule["loadBalancingScheme"], rule["ipProtocol"], rule["ports"]) == (
+            "INTERNAL",
+            "TCP",
+            ["8080"],
+        )
+        assert (rule["network"], rule["subnetwork"]) == (NETWORK, SUBNETWORK)
+        assert rule["backendService"] == f"acme-{pool}-be-id"
+        assert rule["allowGlobalAccess"] is True
+        assert rule["labels"]["fleetform-pool"] == pool
+        assert prod.values["api_endpoints"][pool] == (
+            f"http://{lb_private_ip(f'acme-{pool}-fr')}:8080/v1"
+        )
+        for name in ("hc", "be", "fr", "hc-fw"):
+            assert prod.parent_chain(prod.by_name(f"acme-{pool}-{name}"))[1:] == [
+                "fleetform:gcp:GcpPool",
+                "fleetform:index:InferenceFleet",
+                "pulumi:pulumi:Stack",
+            ]
+
+
+def test_health_checks_reach_the_agent_port_through_the_firewall(prod: Program) -> None:
+    for pool in LB_POOLS:
+        firewall = prod.by_name(f"acme-{pool}-hc-fw").state
+        assert firewall == {
+            "name": f"acme-{pool}-health",
+            "network": NETWORK,
+            "description": f"Fleetform pool {pool}: Google health checks to the agent port",
+            "direction": "INGRESS",
+            "allows": [{"protocol": "tcp", "ports": ["8080"]}],
+            "sourceRanges": ["35.191.0.0/16", "130.211.0.0/22"],
+            # The same tag the pool's instances carry.
+            "targetTags": [f"fleetform-acme-prod-{pool}"],
+        }
+        template = prod.by_name(f"acme-{pool}-tpl").state
+        assert template["tags"] == firewall["targetTags"]
+
+
+def test_tpu_pool_has_no_load_balancer_nor_endpoint(prod: Program) -> None:
+    pool = prod.by_name("acme-gcp-usc1-tpu-v5e")
+    assert sorted(c.type for c in prod.children(pool)) == [
+        "gcp:compute/firewall:Firewall",
+        "gcp:tpu/v2Vm:V2Vm",
+    ]
+    assert "gcp-usc1-tpu-v5e" not in prod.values["api_endpoints"]

@@ -98,6 +98,10 @@ def test_provider_component_builds_the_fleet_from_a_spec_string(program: Program
     sg = program.by_name("dev-aws-cpu-sg").state
     assert (sg["vpcId"], sg["ingress"][0]["fromPort"]) == ("vpc-1", 9090)
     assert program.values["controller_url"] == "http://controller.internal:8700"
+    # The pools' internal load balancers forward the configured agent port.
+    assert sorted(program.values["api_endpoints"]) == ["aws-a10g", "aws-cpu", "gcp-l4"]
+    assert all(url.endswith(":9090/v1") for url in program.values["api_endpoints"].values())
+    assert program.by_name("dev-aws-cpu-tg").state["healthCheck"]["path"] == "/readyz"
     assert program.values["pool_names"] == ["aws-a10g", "gcp-l4", "aws-cpu"]
 
 

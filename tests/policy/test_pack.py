@@ -22,9 +22,13 @@ from pulumi_policy import EnforcementLevel
 from components.userdata import NODE_CONFIG_PATH
 from policy.policies import (
     AWS_LAUNCH_TEMPLATE,
+    AWS_LOAD_BALANCERS,
+    AZURE_LOAD_BALANCER,
     AZURE_SCALE_SET,
     FLEET_TYPE,
+    GCP_FORWARDING_RULE,
     GCP_INSTANCE_TEMPLATE,
+    GCP_REGION_BACKEND_SERVICE,
     GCP_TPU_VM,
     K8S_CONFIG_MAP,
     K8S_DEPLOYMENT,
@@ -48,6 +52,12 @@ from .support import (
 from .variants import OVER_BUDGET_MESSAGE, OVER_QUOTA_MESSAGE, over_budget, over_quota
 
 POLICY_DIR = Path(__file__).parents[2] / "policy"
+LOAD_BALANCER_TYPES = {
+    *AWS_LOAD_BALANCERS,
+    AZURE_LOAD_BALANCER,
+    GCP_FORWARDING_RULE,
+    GCP_REGION_BACKEND_SERVICE,
+}
 POLICY_NAMES = [
     "fleet-budget",
     "tenant-quota",
@@ -151,6 +161,7 @@ def test_resource_policies_see_the_registered_resources(prod: Stack) -> None:
         prod, {"allowed-regions-and-families": {"allowedRegions": {"azure": ["westeurope"]}}}
     )
     assert sorted(v.urn.rsplit("::", 1)[1] for v in found if v.urn) == [
+        "acme-azure-eus-a100-lb",
         "acme-azure-eus-a100-nsg",
         "acme-azure-eus-a100-vmss",
     ]
@@ -196,6 +207,56 @@ def test_a_tampered_registration_fails(prod: Stack) -> None:
             f"urn:pulumi:test::fleetform::{K8S_DEPLOYMENT}::{agent.name}",
         )
     ]
+
+
+def test_the_pools_load_balancers_are_judged_and_a_public_one_is_refused(prod: Stack) -> None:
+    # prod registers an internal load balancer per VM pool (none for the TPU pool); each passes
+    # no-public-ip as registered, and fails once turned internet-facing.
+    [policy] = [p for p in build_policies(stack_config=dict) if p.name == "no-public-ip"]
+    balancers = sorted(
+        (r for r in prod.resources if r.resource_type in LOAD_BALANCER_TYPES),
+        key=lambda r: (r.resource_type, r.name),
+    )
+    assert [(r.resource_type.split(":")[-1], r.name) for r in balancers] == [
+        ("LoadBalancer", "acme-aws-use1-a10g-nlb"),
+        ("LoadBalancer", "acme-aws-use1-a10g-spot-nlb"),
+        ("LoadBalancer", "acme-aws-use1-cpu-nlb"),
+        ("LoadBalancer", "acme-aws-usw2-inf2-nlb"),
+        ("LoadBalancer", "acme-azure-eus-a100-lb"),
+        ("ForwardingRule", "acme-gcp-usc1-l4-fr"),
+        ("ForwardingRule", "acme-gcp-usc1-l4-spot-fr"),
+        ("RegionBackendService", "acme-gcp-usc1-l4-be"),
+        ("RegionBackendService", "acme-gcp-usc1-l4-spot-be"),
+    ]
+    for r in balancers:
+        assert validate_resource(policy, r.resource_type, plain_props(r), name=r.name) == []
+
+    def tampered(r: Any) -> dict[str, Any]:
+        props = plain_props(r)
+        if r.resource_type == AZURE_LOAD_BALANCER:
+            frontend = props["frontendIPConfigurations"][0]
+            del frontend["subnet"], frontend["privateIPAllocationMethod"]
+            frontend["publicIPAddress"] = {"id": "pip"}
+        elif "internal" in props:
+            props["internal"] = False
+        else:
+            props["loadBalancingScheme"] = "EXTERNAL"
+        return props
+
+    found = [
+        message
+        for r in balancers
+        for message in validate_resource(policy, r.resource_type, tampered(r), name=r.name)
+    ]
+    assert len(found) == len(balancers)
+    assert found[4] == (
+        f"acme-azure-eus-a100-lb ({AZURE_LOAD_BALANCER}): frontendIPConfigurations[0] (agent): "
+        "publicIPAddress makes the load balancer public"
+    )
+    assert found[5] == (
+        f"acme-gcp-usc1-l4-fr ({GCP_FORWARDING_RULE}): loadBalancingScheme is EXTERNAL: an "
+        "external load balancer; use INTERNAL"
+    )
 
 
 # --------------------------------------------------------------------------------------------

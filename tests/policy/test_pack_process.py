@@ -27,6 +27,11 @@ from .variants import OVER_BUDGET_MESSAGE, over_budget
 
 POLICY_DIR = Path(__file__).parents[2] / "policy"
 START_TIMEOUT_S = 60
+AWS_LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
+# The engine prints the policy's description before each message.
+NO_PUBLIC_IP = (
+    "Nodes get no public IP, and no Service or load balancer is exposed outside the network.\n"
+)
 
 
 def engine_config(config: dict[str, Any]) -> str:
@@ -136,9 +141,26 @@ def test_the_pack_process_passes_prod_and_describes_its_policies(prod: Stack) ->
             (
                 "no-public-ip",
                 analyzer_pb2.MANDATORY,
-                "Nodes get no public IP and no Service is exposed outside the network.\n"
-                f"lt ({AWS_LAUNCH_TEMPLATE}): networkInterfaces[0].associatePublicIpAddress is "
-                "true: it must be false",
+                NO_PUBLIC_IP + f"lt ({AWS_LAUNCH_TEMPLATE}): "
+                "networkInterfaces[0].associatePublicIpAddress is true: it must be false",
+            )
+        ]
+        # And a pool's NLB turned internet-facing.
+        [nlb, *_] = [r for r in prod.resources if r.resource_type == AWS_LOAD_BALANCER]
+        props = plain_props(nlb)
+        assert props["internal"] is True
+        props["internal"] = False
+        response = stub.Analyze(
+            analyzer_pb2.AnalyzeRequest(
+                type=AWS_LOAD_BALANCER, properties=_struct(props), urn=nlb.urn, name="nlb"
+            )
+        )
+        assert [(d.policyName, d.enforcementLevel, d.message) for d in response.diagnostics] == [
+            (
+                "no-public-ip",
+                analyzer_pb2.MANDATORY,
+                NO_PUBLIC_IP + f"nlb ({AWS_LOAD_BALANCER}): internal is False: the load "
+                "balancer is internet-facing; set internal true",
             )
         ]
 

@@ -623,3 +623,130 @@ def test_no_public_ip_fails_public_addresses() -> None:
     assert validate_resource(policy, K8S_SERVICE, service("NodePort"), name="svc") == [
         f"svc ({K8S_SERVICE}): type NodePort opens the port on every node's address"
     ]
+
+
+# Load balancers: the internal shapes the pool components register (wire names), and each
+# cloud's way of turning one internet-facing.
+
+AWS_NLB = "aws:lb/loadBalancer:LoadBalancer"
+GCP_FORWARDING_RULE = "gcp:compute/forwardingRule:ForwardingRule"
+GCP_BACKEND_SERVICE = "gcp:compute/regionBackendService:RegionBackendService"
+AZURE_LB = "azure-native:network:LoadBalancer"
+
+
+def nlb(**changes: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "region": "us-east-1",
+        "internal": True,
+        "loadBalancerType": "network",
+        "subnets": ["subnet-1", "subnet-2"],
+        "tags": tags("aws"),
+    }
+    props.update(changes)
+    return props
+
+
+def forwarding_rule(**changes: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "region": "us-central1",
+        "loadBalancingScheme": "INTERNAL",
+        "ipProtocol": "TCP",
+        "ports": ["8080"],
+        "subnetwork": "inference-usc1",
+        "backendService": "be",
+    }
+    props.update(changes)
+    return props
+
+
+def azure_lb(**frontend_changes: Any) -> dict[str, Any]:
+    frontend: dict[str, Any] = {
+        "name": "agent",
+        "subnet": {"id": "s"},
+        "privateIPAllocationMethod": "Dynamic",
+    }
+    frontend.update(frontend_changes)
+    return {
+        "location": "eastus",
+        "sku": {"name": "Standard", "tier": "Regional"},
+        "frontendIPConfigurations": [frontend],
+        "tags": tags("azure"),
+    }
+
+
+def test_no_public_ip_passes_internal_load_balancers() -> None:
+    policy = check("no-public-ip")
+    for resource_type, props in (
+        (AWS_NLB, nlb()),
+        ("aws:alb/loadBalancer:LoadBalancer", nlb(loadBalancerType="application")),
+        (GCP_FORWARDING_RULE, forwarding_rule()),
+        (GCP_FORWARDING_RULE, forwarding_rule(loadBalancingScheme="INTERNAL_MANAGED")),
+        # A Private Service Connect endpoint: scheme "" and an internal address.
+        (GCP_FORWARDING_RULE, forwarding_rule(loadBalancingScheme="", target="all-apis")),
+        (GCP_BACKEND_SERVICE, {"loadBalancingScheme": "INTERNAL", "protocol": "TCP"}),
+        # Unset on a regional backend service: INTERNAL is the provider's default.
+        (GCP_BACKEND_SERVICE, {"protocol": "TCP"}),
+        (AZURE_LB, azure_lb()),
+    ):
+        assert validate_resource(policy, resource_type, props) == [], (resource_type, props)
+
+
+def test_no_public_ip_fails_an_internet_facing_aws_load_balancer() -> None:
+    policy = check("no-public-ip")
+    assert validate_resource(policy, AWS_NLB, nlb(internal=False), name="nlb") == [
+        f"nlb ({AWS_NLB}): internal is False: the load balancer is internet-facing; set internal "
+        "true"
+    ]
+    # Unset is internet-facing too (the AWS default).
+    unset = nlb()
+    del unset["internal"]
+    assert validate_resource(policy, AWS_NLB, unset, name="nlb") == [
+        f"nlb ({AWS_NLB}): internal is unset: the load balancer is internet-facing; set internal "
+        "true"
+    ]
+    classic = "aws:elb/loadBalancer:LoadBalancer"
+    assert validate_resource(policy, classic, {"internal": False}, name="elb") == [
+        f"elb ({classic}): internal is False: the load balancer is internet-facing; set internal "
+        "true"
+    ]
+
+
+def test_no_public_ip_fails_an_external_gcp_scheme() -> None:
+    policy = check("no-public-ip")
+    external = forwarding_rule(loadBalancingScheme="EXTERNAL")
+    assert validate_resource(policy, GCP_FORWARDING_RULE, external, name="fr") == [
+        f"fr ({GCP_FORWARDING_RULE}): loadBalancingScheme is EXTERNAL: an external load balancer; "
+        "use INTERNAL"
+    ]
+    # A forwarding rule without a scheme is EXTERNAL (the provider's default).
+    unset = forwarding_rule()
+    del unset["loadBalancingScheme"]
+    assert validate_resource(policy, GCP_FORWARDING_RULE, unset, name="fr") == [
+        f"fr ({GCP_FORWARDING_RULE}): loadBalancingScheme is unset (so EXTERNAL): an external "
+        "load balancer; use INTERNAL"
+    ]
+    managed = {"loadBalancingScheme": "EXTERNAL_MANAGED", "protocol": "HTTP"}
+    assert validate_resource(policy, GCP_BACKEND_SERVICE, managed, name="be") == [
+        f"be ({GCP_BACKEND_SERVICE}): loadBalancingScheme is EXTERNAL_MANAGED: an external load "
+        "balancer; use INTERNAL"
+    ]
+    global_rule = "gcp:compute/globalForwardingRule:GlobalForwardingRule"
+    assert validate_resource(policy, global_rule, {"target": "proxy"}, name="gfr") == [
+        f"gfr ({global_rule}): loadBalancingScheme is unset (so EXTERNAL): an external load "
+        "balancer; use INTERNAL"
+    ]
+
+
+def test_no_public_ip_fails_an_azure_public_frontend() -> None:
+    policy = check("no-public-ip")
+    public = azure_lb(publicIPAddress={"id": "/subscriptions/s/.../publicIPAddresses/pip"})
+    del public["frontendIPConfigurations"][0]["subnet"]
+    assert validate_resource(policy, AZURE_LB, public, name="lb") == [
+        f"lb ({AZURE_LB}): frontendIPConfigurations[0] (agent): publicIPAddress makes the load "
+        "balancer public"
+    ]
+    prefix = azure_lb(publicIPPrefix={"id": "prefix"})
+    assert validate_resource(policy, AZURE_LB, prefix, name="lb") == [
+        f"lb ({AZURE_LB}): frontendIPConfigurations[0] (agent): publicIPPrefix makes the load "
+        "balancer public"
+    ]
