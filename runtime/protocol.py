@@ -24,7 +24,7 @@ re-describes them.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
 
@@ -36,6 +36,7 @@ __all__ = [
     "ClassCounters",
     "InstanceSnapshot",
     "LeaseGrant",
+    "LoadedModel",
     "MetricsPush",
     "PeerInstance",
     "PushReply",
@@ -65,6 +66,19 @@ class ClassCounters(_Wire):
     tpot_met: NonNegativeInt = Field(0, description="Finished with mean TPOT within the class's.")
 
 
+class LoadedModel(_Wire):
+    """A model an agent holds in memory (or is loading or unloading), beyond what
+    ``model``/``variant`` say: a node may hold several (``runtime.agent.models``)."""
+
+    name: Name = Field(description="Model name clients send.")
+    variant: Name
+    state: Literal["loading", "ready", "draining"]
+    memory_bytes: NonNegativeInt | None = Field(
+        None, description="Footprint counted against the node's memory budget; None: unknown."
+    )
+    in_flight: NonNegativeInt = 0
+
+
 class InstanceSnapshot(_Wire):
     """What an agent reports about itself; the fields :class:`InstanceView` routes on."""
 
@@ -89,10 +103,16 @@ class InstanceSnapshot(_Wire):
     served: dict[str, ClassCounters] = Field(
         default_factory=dict, description="Per SLO class, what this node admitted and served."
     )
+    models: list[LoadedModel] = Field(
+        default_factory=list,
+        description="On a node holding several models: those loading, ready or draining "
+        "(model/variant above stay the node's primary model, which the router routes on). "
+        "Empty on a single-model node.",
+    )
 
     def to_view(self, last_seen: float, failed_at: float | None = None) -> InstanceView:
         # Excluding last_seen lets a PeerInstance (which carries its own) convert the same way.
-        fields = self.model_dump(exclude={"last_seen", "served"})
+        fields = self.model_dump(exclude={"last_seen", "served", "models"})
         return InstanceView(**fields, last_seen=last_seen, failed_at=failed_at)
 
 

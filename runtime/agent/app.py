@@ -6,8 +6,11 @@ health, readiness, Prometheus metrics, the OpenAPI document and the drain route.
 
 One inference request goes: a forwarded request's hop is checked (401 without the fleet
 token) -> authenticate (401) -> tenant may use this pool (403) -> parse and validate the body
-(400) -> model (404 unknown, 403 not allowed) -> node accepting (503 loading or draining) ->
-tokenise and check the context length (400) -> priority class -> fleet routing (503 when shed or
+(400) -> model (404 unknown, 403 not allowed) -> node accepting (503 draining) -> the model's
+backend from the :class:`.models.ModelManager` (a model that is not loaded is loaded first while
+the request waits, which its TTFT includes; 503 while the node boots, when the model is being
+unloaded, when its load failed or when the memory budget is held by busy models) -> tokenise
+and check the context length (400) -> priority class -> fleet routing (503 when shed or
 no instance can take it) -> overload shedding if served here (503) -> fleet budget and quota
 (429; not for a forwarded request, which its origin charged) -> submit to the serving backend
 and stream or collect the outputs, or forward it to the chosen peer (:mod:`.forward`). When a
@@ -27,6 +30,13 @@ peer, or here). Without a controller, or before its first reply, every request i
 A fleet whose monthly budget is spent refuses client requests with 429 ``insufficient_quota``
 (OpenAI's code for a spent billing quota): the condition is not transient overload, retrying
 elsewhere cannot help, and it clears only when the budget is raised or the month turns.
+
+Models: a node serves its primary model (``config.model``) and, when ``config.models`` lists
+more, those too, each loaded on demand under ``config.memory_budget_bytes``
+(:mod:`.models`). Admin routes with the fleet token list them (``GET /admin/models``), load and
+unload them (``POST /admin/models/{name}/load|unload``; an unload waits for the model's in-flight
+requests). Only requests for the primary model are routed through the fleet: the controller's
+view knows each node by its primary model, so a request for another slot is served here.
 
 Drain (SIGTERM in ``fleetform agent``, or ``POST /admin/drain`` with the fleet token, e.g. on a
 spot interruption notice): ``/readyz`` turns 503 and the node reports itself unhealthy to the
@@ -69,9 +79,10 @@ from runtime.agent.backend import (
     GenerationRequest,
     GenerationResult,
     ServingBackend,
+    backend_for_engine,
     make_backend,
 )
-from runtime.agent.config import NodeConfig, TenantConfig
+from runtime.agent.config import ModelSlot, NodeConfig, TenantConfig
 from runtime.agent.errors import APIError, make_error_middleware, param_from_validation_error
 from runtime.agent.fleet import FleetLink, RecentUseMeter, instance_snapshot, routing_policy
 from runtime.agent.forward import (
@@ -86,6 +97,7 @@ from runtime.agent.forward import (
     usage_comment,
 )
 from runtime.agent.metrics import AgentMetrics, ServedTally, UsageLedger
+from runtime.agent.models import BackendFactory, ModelLease, ModelManager, ModelUnavailable
 from runtime.agent.push import MetricsPusher, pusher_for_node
 from runtime.agent.spot import SpotNotice, SpotWatcher
 from runtime.engine.base import SamplingParams
@@ -118,7 +130,7 @@ class AgentState:
     """Everything the handlers share (one per application)."""
 
     config: NodeConfig
-    backend: ServingBackend
+    models: ModelManager  # the node's model slots; each request gets its model's backend here
     tenants: TenantDirectory
     quotas: QuotaBook
     metrics: AgentMetrics
@@ -145,6 +157,12 @@ class AgentState:
     def busy(self) -> bool:
         return bool(self.in_flight or self.forwards)
 
+    @property
+    def backend(self) -> ServingBackend:
+        """The primary model's backend (what a single-model node serves with); while it is not
+        loaded, a stand-in that is not ready (:class:`.models.UnloadedBackend`)."""
+        return self.models.primary_backend
+
 
 AGENT = web.AppKey("agent", AgentState)
 DRAINED = web.AppKey("drained", asyncio.Event)
@@ -154,22 +172,37 @@ def init(
     config: NodeConfig,
     *,
     backend: ServingBackend | None = None,
+    backend_factory: BackendFactory | None = None,
     environ: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """The agent application for ``config``.
 
-    ``backend`` defaults to what ``config.engine`` describes (:func:`make_backend`); ``environ``
+    ``backend`` is the primary model's backend for its load at startup, by default what
+    ``config.engine`` describes (:func:`make_backend`); ``backend_factory`` builds the backend of
+    a model slot for each later load (default: from the slot's engine settings); ``environ``
     is where the fleet token and an upstream's API key are read (default ``os.environ``);
     ``clock`` drives quota buckets, lease expiry and the drain deadline. Raises
     :class:`runtime.agent.config.NodeConfigError` for a ``controller_url`` without a fleet token.
     """
     if backend is None:
         backend = make_backend(config, environ=environ)
+    alpha = config.admission.throughput_ewma_alpha
+
+    def default_factory(slot: ModelSlot) -> ServingBackend:
+        return backend_for_engine(slot.engine, environ=environ, ewma_alpha=alpha)
+
     metrics = AgentMetrics(config.node_id, config.pool, config.model)
+    models = ModelManager(
+        config.model_slots(),
+        budget_bytes=config.memory_budget_bytes,
+        backend_factory=backend_factory or default_factory,
+        metrics=metrics,
+        initial_backend=backend,
+    )
     state = AgentState(
         config=config,
-        backend=backend,
+        models=models,
         tenants=TenantDirectory(config.tenants),
         quotas=QuotaBook.from_specs({t.name: t.quotas for t in config.tenants}, clock),
         metrics=metrics,
@@ -200,9 +233,9 @@ def init(
         state.advertised_url = config.advertise_url.rstrip("/")
         state.advertised.set()
     metrics.bind_gauges(
-        stats=backend.stats,
+        stats=models.stats,
         in_flight=lambda: len(state.in_flight),
-        ready=lambda: backend.ready and not state.draining,
+        ready=lambda: models.readiness()[0] == "ready" and not state.draining,
         draining=lambda: state.draining,
     )
     app = web.Application(
@@ -243,6 +276,9 @@ def init(
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_post("/admin/drain", admin_drain)
+    app.router.add_get("/admin/models", admin_list_models)
+    app.router.add_post("/admin/models/{name}/load", admin_load_model)
+    app.router.add_post("/admin/models/{name}/unload", admin_unload_model)
     return app
 
 
@@ -291,23 +327,27 @@ async def _fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def _live_snapshot(state: AgentState) -> InstanceSnapshot:
-    backend = state.backend
-    return instance_snapshot(
+    backend = state.backend  # the primary model's: the router routes this node on it
+    snapshot = instance_snapshot(
         state.config,
         state.advertised_url or f"http://{state.config.host}:{state.config.port}",
-        healthy=backend.ready and not state.draining,
+        healthy=state.models.readiness()[0] == "ready" and not state.draining,
         stats=backend.stats(),
         throughput=backend.throughput(),
         items=backend.work_items(),
         served=state.served,
         max_batch=backend.max_num_seqs,
     )
+    if not state.models.multi:
+        return snapshot
+    return snapshot.model_copy(update={"models": state.models.loaded_models()})
 
 
 async def _backend_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Start loading the model in the background; on shutdown stop the drain and the engine."""
+    """Start loading the model(s) in the background; on shutdown stop the drain and the
+    engines."""
     state = app[AGENT]
-    await state.backend.start()
+    await state.models.start()
     yield
     if state.drain_task is not None and not state.drain_task.done():
         state.drain_task.cancel()
@@ -315,7 +355,7 @@ async def _backend_lifecycle(app: web.Application) -> AsyncIterator[None]:
             await state.drain_task
     for handle in list(state.in_flight.values()):
         handle.abort()
-    await state.backend.close()
+    await state.models.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +397,9 @@ async def _drain(app: web.Application) -> None:
     app[DRAINED].set()
 
 
-async def admin_drain(request: web.Request) -> web.Response:
+def _require_fleet_token(request: web.Request) -> AgentState:
+    """The admin routes' check: 403 without a fleet token configured, 401 for a wrong one
+    (compared in constant time)."""
     state = request.app[AGENT]
     if state.fleet_token is None:
         raise APIError(
@@ -368,15 +410,90 @@ async def admin_drain(request: web.Request) -> web.Response:
         )
     if not token_matches(bearer_token(request.headers), state.fleet_token):
         raise APIError(401, "invalid fleet token", code="invalid_api_key", reason="auth")
-    deadline_s = None
+    return state
+
+
+async def _deadline_body(request: web.Request) -> float | None:
+    """``deadline_s`` of an optional DrainRequest body."""
     if request.can_read_body:
         raw = await request.read()
         if raw.strip():
             data = _parse_json(raw)
-            body = _validate(schemas.DrainRequest, data)
-            deadline_s = body.deadline_s
+            return _validate(schemas.DrainRequest, data).deadline_s
+    return None
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    _require_fleet_token(request)
+    deadline_s = await _deadline_body(request)
     status = begin_drain(request.app, deadline_s)
     return web.json_response(status.model_dump(), status=202)
+
+
+# --------------------------------------------------------------------------------------------
+# Model slots (admin)
+
+
+def _model_unavailable(error: ModelUnavailable) -> APIError:
+    return APIError(
+        error.status,
+        error.message,
+        code=error.code,
+        retry_after=error.retry_after,
+        reason=error.reason,
+    )
+
+
+def _slot_name(request: web.Request, state: AgentState) -> str:
+    name = request.match_info["name"]
+    if state.models.spec(name) is None:
+        known = ", ".join(state.models.names)
+        raise APIError(
+            404,
+            f"name: this node has no model {name!r} (it has: {known})",
+            param="name",
+            code="model_not_found",
+            reason="not_found",
+        )
+    return name
+
+
+async def admin_list_models(request: web.Request) -> web.Response:
+    state = _require_fleet_token(request)
+    return web.json_response(state.models.report().model_dump())
+
+
+async def admin_load_model(request: web.Request) -> web.Response:
+    """Load a model now (waits for the load; 503 if it fails or cannot fit)."""
+    state = _require_fleet_token(request)
+    name = _slot_name(request, state)
+    if state.draining:
+        raise APIError(
+            503,
+            "the node is draining; it loads no models",
+            code="draining",
+            retry_after=DRAINING_RETRY_AFTER_S,
+            reason="draining",
+        )
+    try:
+        await state.models.load(name)
+    except ModelUnavailable as error:
+        raise _model_unavailable(error) from None
+    return web.json_response(state.models.status(name).model_dump())
+
+
+async def admin_unload_model(request: web.Request) -> web.Response:
+    """Unload a model: new requests for it get 503, those in flight finish (until the deadline,
+    default ``drain_timeout_s``), then its memory is freed. Answers when it is unloaded."""
+    state = _require_fleet_token(request)
+    name = _slot_name(request, state)
+    deadline_s = await _deadline_body(request)
+    timeout = state.config.drain_timeout_s if deadline_s is None else deadline_s
+    try:
+        await state.models.unload(name, timeout)
+    except ModelUnavailable as error:
+        raise _model_unavailable(error) from None
+    return web.json_response(state.models.status(name).model_dump())
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,15 +506,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[AGENT]
-    backend = state.backend
     if state.draining:
         body = {"status": "draining", "detail": "the node is draining"}
         return web.json_response(body, status=503)
-    if backend.load_error is not None:
-        return web.json_response({"status": "failed", "detail": backend.load_error}, status=503)
-    if not backend.ready:
+    # Judged on the primary model: booting, failed, or its backend not ready (an unreachable
+    # upstream). Another model loading, or the primary unloaded to make room, is no reason to
+    # take the node out of rotation: a request loads what it needs.
+    status, detail = state.models.readiness()
+    if status == "failed":
+        return web.json_response({"status": "failed", "detail": detail}, status=503)
+    if status == "loading":
         return web.json_response(
-            {"status": "loading", "detail": backend.not_ready_reason or "not ready"},
+            {"status": "loading", "detail": detail},
             status=503,
             headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
         )
@@ -422,16 +542,21 @@ async def list_models(request: web.Request) -> web.Response:
     tenant = _authenticate(request)
     config = state.config
     cards = []
-    if tenant.may_use_model(config.model) and tenant.may_use_pool(config.pool):
-        backend = state.backend
+    # Every model the node can serve, loaded or not (a request loads it).
+    for name in state.models.names:
+        slot = state.models.spec(name)
+        assert slot is not None
+        if not (tenant.may_use_model(name) and tenant.may_use_pool(config.pool)):
+            continue
+        backend = state.models.backend_of(name)
         cards.append(
             schemas.ModelCard(
-                id=config.model,
+                id=name,
                 created=int(state.usage.started_at),
                 owned_by="fleetform",
-                variant=config.variant,
+                variant=slot.variant,
                 pool=config.pool,
-                max_model_len=backend.max_model_len if backend.ready else None,
+                max_model_len=backend.max_model_len if backend and backend.ready else None,
             )
         )
     return web.json_response(schemas.ModelList(data=cards).model_dump())
@@ -476,6 +601,8 @@ class _Admitted:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float
+    backend: ServingBackend  # of the request's model, held by ``lease`` until the request ends
+    lease: ModelLease
     hop: Hop | None = None  # how a forwarded request got here; None for a client's request
     ticket: QuotaTicket | None = None
 
@@ -499,13 +626,18 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[AGENT]
     hop = hop_from_headers(request.headers, state.fleet_token)
     admitted = await _admit(request, state, kind, arrival, hop)
-    peer = _destination(state, admitted, _route(state, admitted))
-    if peer is None:
-        _shed_if_overloaded(state, admitted)
-    admitted = _charge_quota(state, admitted)
-    if peer is None:
-        return await _serve_here(request, state, admitted)
-    return await _forward(request, state, admitted, peer)
+    try:
+        peer = _destination(state, admitted, _route(state, admitted))
+        if peer is None:
+            _shed_if_overloaded(state, admitted)
+        admitted = _charge_quota(state, admitted)
+        if peer is None:
+            return await _serve_here(request, state, admitted)
+        return await _forward(request, state, admitted, peer)
+    finally:
+        # The response is written (or the handler cancelled): the model is no longer busy with
+        # this request, and an unload waiting for it may proceed.
+        admitted.lease.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +652,8 @@ def _route(
     hop = admitted.hop
     if state.fleet is None or (hop is not None and hop.hops >= state.policy.hop_limit):
         return None
+    if admitted.model != state.config.model:
+        return None  # the fleet view knows nodes by their primary model only: serve it here
     view = state.fleet.fleet_view(_live_snapshot(state))
     if view is None:
         return None
@@ -704,7 +838,7 @@ async def _serve_here(
         deadline=arrival + admitted.slo.ttft_ms / 1000.0,
     )
     try:
-        handle = state.backend.submit(generation, _on_done(state, admitted))
+        handle = admitted.backend.submit(generation, _on_done(state, admitted))
     except ValueError as error:
         _release_quota(state, admitted, 0)
         param, _, why = str(error).partition(": ")
@@ -894,23 +1028,23 @@ async def _admit(
     if unsupported is not None:
         param, message = unsupported
         raise _bad(param, message, code="unsupported_parameter")
-    if body.model != config.model:
+    model = body.model
+    if state.models.spec(model) is None:
         raise APIError(
             404,
-            f"The model `{body.model}` does not exist or you do not have access to it.",
+            f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
             code="model_not_found",
             reason="not_found",
         )
-    if not tenant.may_use_model(config.model):
+    if not tenant.may_use_model(model):
         raise APIError(
             403,
-            f"tenant {tenant.name!r} may not use model {config.model!r}",
+            f"tenant {tenant.name!r} may not use model {model!r}",
             param="model",
             code="model_not_allowed",
             reason="forbidden",
         )
-    backend = state.backend
     if state.draining:
         raise APIError(
             503,
@@ -919,6 +1053,31 @@ async def _admit(
             retry_after=DRAINING_RETRY_AFTER_S,
             reason="draining",
         )
+    try:
+        # Loads the model first if it is not loaded; the wait is part of the request's TTFT
+        # (``arrival`` was taken before).
+        lease = await state.models.acquire(model)
+    except ModelUnavailable as error:
+        raise _model_unavailable(error) from None
+    try:
+        return await _admit_for_model(request, state, kind, arrival, hop, tenant, body, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+async def _admit_for_model(
+    request: web.Request,
+    state: AgentState,
+    kind: Kind,
+    arrival: float,
+    hop: Hop | None,
+    tenant: TenantConfig,
+    body: schemas.ChatCompletionRequest | schemas.CompletionRequest,
+    lease: ModelLease,
+) -> _Admitted:
+    """The checks that need the model's backend (the caller releases ``lease`` on failure)."""
+    backend = lease.backend
     if not backend.ready:
         # An upstream backend says why (unreachable, model not listed), not just "loading".
         detail = backend.load_error or backend.not_ready_reason or "not ready"
@@ -931,7 +1090,7 @@ async def _admit(
         )
 
     prompt_ids = await _tokenize(backend, body)
-    params = _sampling_params(config, backend, body, len(prompt_ids), kind)
+    params = _sampling_params(state.config, backend, body, len(prompt_ids), kind)
 
     try:
         resolution = resolve_priority(
@@ -954,13 +1113,15 @@ async def _admit(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         kind=kind,
         tenant=tenant,
-        model=config.model,
+        model=lease.model,
         slo=resolution.slo_class,
         stream=stream,
         include_usage=bool(stream and body.stream_options and body.stream_options.include_usage),
         prompt_ids=prompt_ids,
         params=params,
         arrival=arrival,
+        backend=backend,
+        lease=lease,
         hop=hop,
     )
 
@@ -969,7 +1130,7 @@ def _shed_if_overloaded(state: AgentState, admitted: _Admitted) -> None:
     """Refuse (503) what this node should not take on: past the cap on waiting requests, or,
     when no fleet router decided, a sheddable request predicted to miss its TTFT objective.
     (Where the router sent it here, the prediction was the router's.)"""
-    config, backend, slo = state.config, state.backend, admitted.slo
+    config, backend, slo = state.config, admitted.backend, admitted.slo
     throughput = backend.throughput()
     load = LoadState(
         prefill_tokens_per_s=throughput.prefill_tokens_per_s

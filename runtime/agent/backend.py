@@ -45,6 +45,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "ServingBackend",
+    "backend_for_engine",
+    "engine_memory_bytes",
     "make_backend",
 ]
 
@@ -196,12 +198,46 @@ def make_backend(config: NodeConfig, *, environ: Mapping[str, str] | None = None
 
     ``environ`` is where an upstream's API key variable is read (default ``os.environ``).
     """
-    alpha = config.admission.throughput_ewma_alpha
-    if isinstance(config.engine, UpstreamEngineSettings):
+    return backend_for_engine(
+        config.engine, environ=environ, ewma_alpha=config.admission.throughput_ewma_alpha
+    )
+
+
+def backend_for_engine(
+    engine: EngineSettings | UpstreamEngineSettings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    ewma_alpha: float = 0.2,
+) -> ServingBackend:
+    """The serving backend for one model's engine settings (not started); see
+    :func:`make_backend`. The model manager builds one per load of a model slot."""
+    if isinstance(engine, UpstreamEngineSettings):
         from runtime.agent.upstream import UpstreamBackend  # imports this module: import late
 
-        return UpstreamBackend(config.engine, environ=environ, ewma_alpha=alpha)
-    return EngineCoreBackend(config.engine, ewma_alpha=alpha)
+        return UpstreamBackend(engine, environ=environ, ewma_alpha=ewma_alpha)
+    return EngineCoreBackend(engine, ewma_alpha=ewma_alpha)
+
+
+def engine_memory_bytes(engine: Engine, core: Any = None) -> int | None:
+    """Bytes a loaded engine holds for its model: the weights it keeps resident plus its whole KV
+    pool (allocated up front; its pages become resident as tokens are written, so the full pool
+    is what the model may come to use). None when the engine reports neither.
+
+    The numpy engine keeps the weights de-quantised to float32 (``model.weights.nbytes()``),
+    whatever the file's precision; the KV pool's size comes from the core's stats.
+    """
+    total, known = 0, False
+    weights = getattr(getattr(engine, "model", None), "weights", None)
+    nbytes = getattr(weights, "nbytes", None)
+    if callable(nbytes):
+        total += int(nbytes())
+        known = True
+    if core is not None:
+        kv_bytes = core.stats().get("kv_capacity_bytes")
+        if kv_bytes is not None:
+            total += int(kv_bytes)
+            known = True
+    return total if known else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +346,8 @@ class EngineCoreBackend:
         self.core: Any = None  # EngineCore once loaded
         self._engine: _MeteredEngine | None = None
         self._capacity: EngineCapacity | None = None
+        self._loaded: asyncio.Event | None = None  # set on the loop when the load ends either way
+        self._discarded = False
 
     def _default_engine(self) -> Engine:
         from runtime.engine.numpy_engine import NumpyEngine
@@ -336,7 +374,9 @@ class EngineCoreBackend:
 
     @property
     def not_ready_reason(self) -> str | None:
-        return None if self.ready else "the model is loading"
+        if self.ready:
+            return None
+        return "the model was unloaded" if self._discarded else "the model is loading"
 
     @property
     def max_model_len(self) -> int:
@@ -353,8 +393,17 @@ class EngineCoreBackend:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def memory_bytes(self) -> int | None:
+        """What the loaded model holds (see :func:`engine_memory_bytes`); None until loaded."""
+        engine = self._engine
+        if engine is None or not self._ready:
+            return None
+        return engine_memory_bytes(engine.inner, self.core)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loaded = asyncio.Event()
         self._thread = threading.Thread(
             target=self._thread_main, name="fleetform-engine", daemon=True
         )
@@ -375,6 +424,29 @@ class EngineCoreBackend:
         if self._engine is not None:
             self._engine.close()
 
+    async def wait_loaded(self) -> None:
+        """Until the load has ended, loaded (``ready``) or failed (``load_error``)."""
+        assert self._loaded is not None, "start() first"
+        await self._loaded.wait()
+
+    def discard(self) -> None:
+        """After :meth:`close`: drop the engine and its core, so that the model's memory can be
+        returned to the system even while stray references to this backend remain (handles of
+        finished requests keep one). The backend is unusable afterwards."""
+        assert self._stopping, "close() first"
+        self._ready = False
+        self._discarded = True
+        self._engine = None
+        self.core = None
+
+    def _mark_loaded(self, _: Any = None) -> None:
+        # On the loop: ready flips here, not in the engine thread, so that whoever sees the
+        # backend ready (a handler, the model manager) sees it in the same loop iteration.
+        if self._engine is not None and self._load_error is None and not self._stopping:
+            self._ready = True
+        if self._loaded is not None:
+            self._loaded.set()
+
     def _thread_main(self) -> None:
         try:
             from runtime.engine.core import EngineCore
@@ -391,10 +463,12 @@ class EngineCoreBackend:
         except Exception as error:
             log.exception("model load failed")
             self._load_error = f"model load failed: {error}".splitlines()[0]
+            self._to_loop(self._mark_loaded, None)
             return
         self._engine, self.core, self._capacity = engine, core, engine.capacity
-        self._ready = True
-        log.info("model loaded; engine %s", engine.capacity)
+        del engine, core  # the stepping loop reads them from self: discard() can free them
+        self._to_loop(self._mark_loaded, None)
+        log.info("model loaded; engine %s", self._capacity)
         self._step_loop()
 
     # -- the stepping loop (engine thread) ------------------------------------------------------
@@ -545,6 +619,8 @@ class EngineCoreBackend:
 
     def _require_ready(self) -> None:
         if not self.ready:
+            if self._discarded:
+                raise BackendError("the model was unloaded")
             raise BackendError(self._load_error or "model is not loaded yet")
 
     def encode(self, text: str) -> list[int]:

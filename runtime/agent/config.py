@@ -6,6 +6,12 @@ share out of a :class:`runtime.spec.FleetSpec`: its pool's model and price, the 
 key references resolved to SHA-256 digests, the SLO classes, and (:class:`RoutingSettings`) the
 spec's routing policy with the pools and variant qualities the agent's router needs.
 
+A node serves one model by default: ``model``/``variant``/``engine`` (its *primary* model, the
+one it reports to the fleet). It may hold more: ``models`` lists further :class:`ModelSlot`
+entries (other models, or other versions of one under their own names), loaded on demand or at
+startup, and ``memory_budget_bytes`` caps what the loaded ones may take together
+(:mod:`runtime.agent.models` does the loading, eviction and unloading).
+
 The ``engine`` section is either :class:`EngineSettings` (``kind: embedded``, the default: the
 numpy engine in this process) or :class:`UpstreamEngineSettings` (``kind: openai-upstream``: an
 OpenAI-compatible server such as vLLM, TGI, SGLang or llama.cpp that the agent fronts).
@@ -40,6 +46,7 @@ from runtime.spec import FleetSpec, Name, QualityName, QuotaSpec, SloClassSpec
 
 __all__ = [
     "EngineSettings",
+    "ModelSlot",
     "NodeConfig",
     "NodeConfigError",
     "RoutingSettings",
@@ -213,6 +220,30 @@ class RoutingSettings(_Strict):
     )
 
 
+class ModelSlot(_Strict):
+    """A model (or a version of one) a node may hold besides its primary model.
+
+    ``name`` is what clients send as ``model`` (so two versions of one model are two slots with
+    two names, e.g. ``smollm2-135m`` and ``smollm2-135m-f16``). A slot is loaded when a request
+    needs it (or at startup with ``preload``) and unloaded when an admin asks or when the node's
+    ``memory_budget_bytes`` needs its memory for another model and it is the least recently used
+    idle one.
+    """
+
+    name: Name = Field(description="Model name clients send and /v1/models lists.")
+    variant: Name
+    engine: AnyEngineSettings = Field(default_factory=EngineSettings)
+    memory_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Memory the loaded model takes, for the budget until it has been loaded and "
+        "measured; unset: estimated from the model file (embedded) or 0 (openai-upstream).",
+    )
+    preload: bool = Field(
+        default=False, description="Load at startup (if it fits the budget) instead of on demand."
+    )
+
+
 class TenantConfig(_Strict):
     """A tenant as one agent enforces it."""
 
@@ -258,6 +289,18 @@ class NodeConfig(_Strict):
         "port actually bound (the host name when host is a wildcard address).",
     )
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    models: list[ModelSlot] = Field(
+        default_factory=list,
+        description="Further models or versions this node may hold besides ``model`` (which is "
+        "always loaded at startup); each is loaded on demand, or at startup with preload.",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most memory the loaded models may take together (each model's measured "
+        "footprint: weights plus KV pool); the least recently used idle model is unloaded to "
+        "make room. Unset: no limit.",
+    )
     fleet_token_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -331,16 +374,35 @@ class NodeConfig(_Strict):
             )
         if self.routing.variant_quality and self.variant not in self.routing.variant_quality:
             problems.append(f"routing.variant_quality: no quality for variant {self.variant!r}")
-        engine = self.engine
-        if (
-            isinstance(engine, EngineSettings)
-            and engine.max_model_len is not None
-            and engine.max_model_len > engine.kv_cache_tokens
-        ):
-            problems.append("engine.max_model_len: exceeds engine.kv_cache_tokens")
+        engines = [("engine", self.engine)]
+        engines += [(f"models[{i}].engine", slot.engine) for i, slot in enumerate(self.models)]
+        for where, engine in engines:
+            if (
+                isinstance(engine, EngineSettings)
+                and engine.max_model_len is not None
+                and engine.max_model_len > engine.kv_cache_tokens
+            ):
+                problems.append(f"{where}.max_model_len: exceeds {where}.kv_cache_tokens")
+        seen_models = {self.model}
+        for i, slot in enumerate(self.models):
+            if slot.name in seen_models:
+                problems.append(f"models[{i}].name: model {slot.name!r} is listed twice")
+            seen_models.add(slot.name)
+        budget = self.memory_budget_bytes
+        for i, slot in enumerate(self.models):
+            if budget is not None and slot.memory_bytes is not None and slot.memory_bytes > budget:
+                problems.append(
+                    f"models[{i}].memory_bytes: {slot.memory_bytes} exceeds memory_budget_bytes "
+                    f"({budget}); the model could never be loaded"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def model_slots(self) -> list[ModelSlot]:
+        """Every model the node may hold, the primary first (always preloaded)."""
+        primary = ModelSlot(name=self.model, variant=self.variant, engine=self.engine, preload=True)
+        return [primary, *self.models]
 
     def slo_class(self, name: str) -> SloClassSpec:
         for slo in self.slo_classes:

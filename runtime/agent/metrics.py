@@ -11,8 +11,14 @@ Series (all prefixed ``fleetform_``):
 * counters per tenant: ``prompt_tokens_total``, ``completion_tokens_total``, ``requests_total``
   (also by class and finish reason), ``accelerator_seconds_total``, ``cost_usd_total``;
 * counters by reason: ``rejected_requests_total`` (auth, forbidden, not_found, bad_request,
-  quota_<limit>, overload, queue_full, draining, loading, fleet_budget, shed, unroutable) and
+  quota_<limit>, overload, queue_full, draining, loading, fleet_budget, shed, unroutable, and
+  for model slots model_draining, load_failed, model_memory) and
   ``shed_requests_total`` (overload shedding per class, by this node or the fleet router);
+* per model slot (:mod:`runtime.agent.models`): ``model_load_seconds`` (histogram of load
+  durations), ``model_cold_starts_total`` (requests that waited for their model to load) and
+  ``model_load_wait_seconds`` (how long; it is part of their TTFT), ``model_evictions_total``
+  (idle models unloaded to make room), ``model_memory_bytes`` (footprint of each loaded model, 0
+  once unloaded) and ``model_memory_budget_bytes``;
 * ``routed_requests_total`` by router outcome and target (local or peer), and
   ``forward_failures_total`` by reason (connect, timeout, status, disconnected);
 * gauges read at scrape time: ``queue_depth`` (waiting), ``running_sequences``,
@@ -36,6 +42,8 @@ __all__ = ["AgentMetrics", "TenantUsage", "UsageLedger"]
 
 # From tens of milliseconds (a GPU) to minutes (a queued CPU batch job).
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+# Loading a model: from a fraction of a second (cached, small) to minutes (large, cold disk).
+LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -128,6 +136,44 @@ class AgentMetrics:
             "fleetform_forward_failures",
             "Forwards to a peer that failed before any output (then tried elsewhere), by reason.",
             ["reason"],
+            registry=r,
+        )
+
+        self.model_load_seconds = Histogram(
+            "fleetform_model_load_seconds",
+            "Time to load a model (memory decision, engine load), per load.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_cold_starts = Counter(
+            "fleetform_model_cold_starts",
+            "Requests that had to wait for their model to be loaded.",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_wait = Histogram(
+            "fleetform_model_load_wait_seconds",
+            "How long a cold-start request waited for its model (included in its TTFT).",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_evictions = Counter(
+            "fleetform_model_evictions",
+            "Idle models unloaded to make room for another under the memory budget.",
+            ["model"],
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "fleetform_model_memory_bytes",
+            "Memory a loaded model takes (weights + KV pool; 0 when unloaded).",
+            ["model"],
+            registry=r,
+        )
+        self.model_memory_budget = Gauge(
+            "fleetform_model_memory_budget_bytes",
+            "The node's memory budget for loaded models (NaN: none).",
             registry=r,
         )
 

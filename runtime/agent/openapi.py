@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from runtime.agent import schemas
+from runtime.agent.models import ModelsReport, ModelStatus
 
 __all__ = ["OPENAPI_PATH", "build_openapi", "render_openapi"]
 
@@ -52,15 +53,17 @@ def _errors(components: _Components, *statuses: int) -> dict[str, Any]:
         400: "Invalid request: malformed JSON, a wrong type or value (``param`` names it), an "
         "unsupported parameter, or a prompt too long for the context.",
         401: "Missing or invalid API key.",
-        403: "The tenant may not use this model or pool.",
+        403: "The tenant may not use this model or pool (admin routes: the node has no fleet "
+        "token).",
         404: "Unknown model.",
         413: "Request body larger than the node's limit.",
         429: "A tenant quota or monthly budget is exceeded (the message names it; code "
         "insufficient_quota when the fleet's monthly budget is spent); see Retry-After.",
         500: "Unexpected server error (details are in the server log only).",
-        503: "Model loading, node draining, overloaded (a sheddable request the fleet cannot "
-        "serve in time), no instance able to take the request, or the peers it was forwarded to "
-        "failed; see Retry-After.",
+        503: "Model loading (the node starting), being unloaded, failed to load, or not "
+        "loadable now (the memory budget is held by busy models), node draining, overloaded (a "
+        "sheddable request the fleet cannot serve in time), no instance able to take the "
+        "request, or the peers it was forwarded to failed; see Retry-After.",
     }
     out: dict[str, Any] = {}
     for status in statuses:
@@ -155,6 +158,16 @@ def _completion_operation(
             },
             **_errors(components, 400, 401, 403, 404, 413, 429, 500, 503),
         },
+    }
+
+
+def _model_name_parameter() -> dict[str, Any]:
+    return {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "A model of this node (its config's model or one of its models).",
+        "schema": {"type": "string"},
     }
 
 
@@ -259,6 +272,49 @@ def _build() -> str:
                         "content": _json(c.ref(schemas.DrainStatus)),
                     },
                     **_errors(c, 400, 401, 403, 413, 500),
+                },
+            }
+        },
+        "/admin/models": {
+            "get": {
+                "operationId": "listModelSlots",
+                "summary": "Every model this node can hold, with its state (unloaded, loading, "
+                "ready, draining), memory and requests; needs the fleet token",
+                "responses": {
+                    "200": {
+                        "description": "The node's models and memory",
+                        "content": _json(c.ref(ModelsReport)),
+                    },
+                    **_errors(c, 401, 403, 500),
+                },
+            }
+        },
+        "/admin/models/{name}/load": {
+            "post": {
+                "operationId": "loadModel",
+                "summary": "Load a model now, unloading idle models if the memory budget needs "
+                "it; answers once it is loaded. Needs the fleet token",
+                "parameters": [_model_name_parameter()],
+                "responses": {
+                    "200": {"description": "Loaded", "content": _json(c.ref(ModelStatus))},
+                    **_errors(c, 401, 403, 404, 500, 503),
+                },
+            }
+        },
+        "/admin/models/{name}/unload": {
+            "post": {
+                "operationId": "unloadModel",
+                "summary": "Unload a model: new requests for it get 503, those in flight finish "
+                "(aborted after deadline_s, default the node's drain_timeout_s), then its memory "
+                "is freed; answers once it is unloaded. Needs the fleet token",
+                "parameters": [_model_name_parameter()],
+                "requestBody": {
+                    "required": False,
+                    "content": _json(c.ref(schemas.DrainRequest, mode="validation")),
+                },
+                "responses": {
+                    "200": {"description": "Unloaded", "content": _json(c.ref(ModelStatus))},
+                    **_errors(c, 400, 401, 403, 404, 413, 500, 503),
                 },
             }
         },

@@ -159,6 +159,9 @@ def test_openapi_document_describes_the_api() -> None:
         "/metrics",
         "/openapi.json",
         "/admin/drain",
+        "/admin/models",
+        "/admin/models/{name}/load",
+        "/admin/models/{name}/unload",
     }
     components = document["components"]["schemas"]
     for schema in components.values():
