@@ -42,7 +42,7 @@ from runtime.costmodel import CpuAssumption
 from runtime.engine.base import SamplingParams, SeqInput, StepInput
 from runtime.engine.core import CompletionOutput, EngineCore
 from runtime.engine.model_files import ModelNotFoundError, resolve_model_path
-from runtime.engine.numpy_engine import NumpyEngine
+from runtime.engine.numpy_engine import KV_DTYPES, NumpyEngine
 
 __all__ = ["BenchConfig", "build_workload", "configure_parser", "run_bench", "run_from_args"]
 
@@ -96,6 +96,7 @@ class BenchConfig:
     modes: bool = True
     decode_only: bool = True
     decode_steps: int = 16
+    kv_dtype: str = "float32"
 
 
 @dataclass
@@ -369,6 +370,88 @@ def run_prefill_only(engine: NumpyEngine, chunk: int, repeats: int = 5) -> dict[
     return {"chunk_tokens": chunk, "ms_median": round(med * 1e3, 2), "tok_s": round(chunk / med, 1)}
 
 
+def batching_gain_bound(
+    mean_prompt: float,
+    mean_output: float,
+    prefill_tok_s: float,
+    step_1_s: float,
+    step_n_s: float,
+    n: int,
+) -> float:
+    """Most continuous batching over ``n`` streams can gain over one request at a time.
+
+    Prefill is compute-bound, so batching does not make it cheaper: a request costs
+    ``prompt / prefill_tok_s`` of machine time either way. Only decode gains, from one step per
+    token alone (``step_1_s``) to ``step_n_s / n`` when ``n`` streams share a step. With the
+    measured rates this is the throughput ratio a perfect scheduler would reach on the workload.
+    """
+    prefill = mean_prompt / prefill_tok_s
+    alone = prefill + mean_output * step_1_s
+    shared = prefill + mean_output * step_n_s / n
+    return alone / shared
+
+
+def run_long_context(
+    model_path: str | None, sequences: int, context: int, kv_dtype: str, chunk: int = 256
+) -> dict[str, Any]:
+    """Memory with ``sequences`` contexts of ``context`` tokens held at once, measured for real.
+
+    A fresh engine whose KV pool holds exactly those tokens prefills every sequence to
+    ``context - 1`` tokens (real forward passes over corpus text, ``chunk`` tokens per step), then
+    runs one decode step over all of them at ``context`` tokens. Run it in its own process
+    (``fleetform bench engine --long-context``): the RSS figures are the whole process's.
+    """
+    t0 = time.perf_counter()
+    engine = NumpyEngine(
+        resolve_model_path(model_path),
+        kv_cache_tokens=sequences * context,
+        max_model_len=context,
+        max_num_seqs=sequences,
+        max_num_batched_tokens=chunk,
+        kv_dtype=kv_dtype,
+    )
+    engine.load()
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss_mb()
+    corpus = corpus_tokens(EngineCore(engine))
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    ids = [f"__long_{i}" for i in range(sequences)]
+    t1 = time.perf_counter()
+    try:
+        for i, sid in enumerate(ids):
+            if not engine.kv.reserve(sid, context):
+                raise RuntimeError(f"KV pool cannot hold {sequences} x {context} tokens")
+            prompt = make_prompts(corpus, [context - 1], i)[0]
+            for start in range(0, len(prompt), chunk):
+                piece = prompt[start : start + chunk]
+                engine.step(StepInput([SeqInput(sid, piece, start, False, params)]))
+        prefill_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        out = engine.step(
+            StepInput([SeqInput(sid, [1234], context - 1, True, params) for sid in ids])
+        )
+        decode_ms = (time.perf_counter() - t2) * 1e3
+        assert len(out.sampled) == sequences
+        stats = engine.kv.stats()
+    finally:
+        for sid in ids:
+            engine.free(sid)
+    return {
+        "sequences": sequences,
+        "context_tokens": context,
+        "kv_dtype": kv_dtype,
+        "kv_cache_bytes": stats.capacity_bytes,
+        "kv_used_tokens": stats.used_tokens,
+        "weights_bytes": engine.model.weights.nbytes() if engine.model else None,
+        "model_load_s": round(load_s, 3),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        "prefill_s": round(prefill_s, 1),
+        "decode_step_ms": round(decode_ms, 1),
+        "rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
 def cpu_calibration(report: dict[str, Any]) -> CpuAssumption:
     """Per-vCPU bandwidth and FLOPS for :mod:`runtime.costmodel`, from this run's measurements.
 
@@ -405,6 +488,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         max_model_len=cfg.max_model_len,
         max_num_seqs=max(cfg.streams),
         max_num_batched_tokens=cfg.max_num_batched_tokens,
+        kv_dtype=cfg.kv_dtype,
     )
     engine.load()
     load_s = time.perf_counter() - t0
@@ -419,6 +503,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         "engine": {
             "kv_cache_tokens": engine.kv.capacity_tokens,
             "kv_cache_bytes": engine.kv.stats().capacity_bytes,
+            "kv_dtype": cfg.kv_dtype,
             "weights_bytes": engine.model.weights.nbytes() if engine.model else None,
             "max_model_len": cfg.max_model_len,
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
@@ -482,6 +567,20 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         cont = asdict(run_closed_loop(core, prompts, outputs, s, "continuous"))
         modes["continuous"] = cont
         report["modes_16_streams"] = modes
+        steps = {r["streams"]: r["step_ms_median"] / 1e3 for r in report.get("decode_only", [])}
+        if "prefill" in report and 1 in steps and s in steps:
+            bound = batching_gain_bound(
+                float(np.mean([len(p) for p in prompts])),
+                float(np.mean(outputs)),
+                report["prefill"]["tok_s"],
+                steps[1],
+                steps[s],
+                s,
+            )
+            report["continuous_over_sequential"] = {
+                "measured": round(cont["output_tok_s"] / modes["sequential"]["output_tok_s"], 2),
+                "bound": round(bound, 2),
+            }
     # Upper bound of memory whatever the number of sequences: every page of the KV pool written
     # (the scheduler queues or preempts sequences beyond the pool, e.g. 32 x 2k-token contexts).
     kv = engine.kv
@@ -505,6 +604,17 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _seqs_by_tokens(text: str) -> tuple[int, int]:
+    seqs, sep, tokens = text.lower().partition("x")
+    try:
+        value = (int(seqs), int(tokens))
+    except ValueError:
+        value = (0, 0)
+    if not sep or value[0] < 1 or value[1] < 2:
+        raise argparse.ArgumentTypeError(f"expected SEQSxTOKENS such as 32x2048, got {text!r}")
+    return value
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -554,6 +664,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-decode-only", action="store_true", help="skip the decode-only measurement")
     p.add_argument(
+        "--kv-dtype",
+        choices=sorted(KV_DTYPES),
+        default="float32",
+        help="KV pool storage: float32 (exact) or int8 (a quarter of the memory; default float32)",
+    )
+    p.add_argument(
+        "--long-context",
+        type=_seqs_by_tokens,
+        default=None,
+        metavar="SEQSxTOKENS",
+        help="instead of the throughput runs, hold SEQS contexts of TOKENS tokens at once (e.g. "
+        "32x2048, a few minutes) and report the process's memory",
+    )
+    p.add_argument(
         "--calibration-out",
         type=Path,
         default=None,
@@ -572,6 +696,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         return usage_error(
             "bench engine", f"trace file {str(args.trace)!r} not found (pass --trace PATH)"
         )
+    if args.long_context is not None:
+        sequences, tokens = args.long_context
+        try:
+            report = run_long_context(args.model_path, sequences, tokens, args.kv_dtype)
+        except (ModelNotFoundError, ValueError, RuntimeError) as exc:
+            return usage_error("bench engine", f"--long-context: {exc}")
+        print(json.dumps(report, indent=2) if args.json else _long_context_text(report))
+        return 0
     cfg = BenchConfig(
         streams=tuple(args.streams),
         requests=args.requests,
@@ -584,6 +716,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         modes=not args.no_modes,
         decode_only=not args.no_decode_only,
+        kv_dtype=args.kv_dtype,
     )
     progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
@@ -600,6 +733,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     else:
         _print_tables(report)
     return 0
+
+
+def _long_context_text(r: dict[str, Any]) -> str:
+    return (
+        f"{r['sequences']} x {r['context_tokens']} tokens, {r['kv_dtype']} KV pool of "
+        f"{r['kv_cache_bytes'] / 2**20:.0f} MiB: RSS {r['rss_mb']:.0f} MB "
+        f"(peak {r['peak_rss_mb']:.0f} MB; {r['rss_after_load_mb']:.0f} MB after load), "
+        f"prefill {r['prefill_s']} s, one decode step over all {r['decode_step_ms']} ms"
+    )
 
 
 def _print_tables(report: dict[str, Any]) -> None:
@@ -648,3 +790,9 @@ def _print_tables(report: dict[str, Any]) -> None:
     if "modes_16_streams" in report:
         rows = [dict(v, mode=k) for k, v in report["modes_16_streams"].items()]
         console.print(table("Same 16-stream workload, three ways", rows, ("mode", "mode")))
+    if "continuous_over_sequential" in report:
+        gain = report["continuous_over_sequential"]
+        console.print(
+            f"continuous / one at a time: {gain['measured']}x measured, {gain['bound']}x at most "
+            "with these prefill and decode rates (prefill is compute-bound and gains nothing)"
+        )

@@ -90,9 +90,11 @@ class LlamaConfig:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
-        """Bytes of K+V cache one token occupies across all layers."""
-        return 2 * self.num_layers * self.kv_dim * itemsize
+    def kv_bytes_per_token(self, kv_dtype: str = "float32") -> int:
+        """Bytes of K+V cache one token occupies across all layers in a ``kv_dtype`` pool."""
+        from runtime.engine.kv_cache import kv_bytes_per_token
+
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
 
 
 @dataclass

@@ -6,10 +6,16 @@ Sequences reserve blocks as they grow (:meth:`reserve`, all-or-nothing: ``False`
 signal to preempt) and return them with :meth:`release`. ``KVCache`` satisfies the scheduler's
 :class:`runtime.scheduler.KVCapacity` protocol.
 
-Physical layout (per layer, float32)::
+Physical layout (per layer)::
 
     keys   (num_kv_heads, num_tokens, head_dim)   # token-major, like values: writing a token
     values (num_kv_heads, num_tokens, head_dim)   # touches one contiguous row per head
+
+Storage is float32 (exact) or int8 (``dtype=np.int8``: a quarter of the bytes, so four times the
+tokens in the same memory, at a cost in accuracy). An int8 pool also holds one float32 scale per
+(layer, head, token) for keys and for values (``key_scales``/``value_scales``): each head vector is
+stored as ``round(x / s)`` with ``s = max|x| / 127``, and reads as ``int8 * s``. Write through
+:meth:`KVCache.write` so the format is applied.
 
 A sequence's blocks are not required to be adjacent, but attention reads one contiguous *run* of
 blocks per matmul, so fewer runs means fewer numpy calls per layer. Placement therefore tries to
@@ -23,7 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KVCache", "KVStats"]
+__all__ = ["KVCache", "KVStats", "kv_bytes_per_token"]
+
+
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype: np.dtype | type = np.float32
+) -> int:
+    """Bytes one token takes in a pool of ``dtype`` (K and V, all layers; int8 adds its scales)."""
+    dt = np.dtype(dtype)
+    scale_bytes = 4 if dt == np.dtype(np.int8) else 0
+    return 2 * num_layers * num_kv_heads * (head_dim * dt.itemsize + scale_bytes)
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,9 @@ class KVCache:
         self.num_blocks = capacity_tokens // block_size
         n_tok = self.num_blocks * block_size
         self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.int8)):
+            raise ValueError(f"dtype must be float32 or int8, got {self.dtype}")
+        self.quantized = self.dtype == np.dtype(np.int8)
         # np.zeros maps pages lazily; RSS grows with the tokens actually written, but never
         # beyond this fixed allocation.
         # K is token-major too: the scores GEMM reads it through a transposed view (BLAS takes the
@@ -104,7 +122,10 @@ class KVCache:
         # head_dim strided stores, which profiled at ~8% of a decode step.
         self.keys = np.zeros((num_layers, num_kv_heads, n_tok, head_dim), dtype=self.dtype)
         self.values = np.zeros((num_layers, num_kv_heads, n_tok, head_dim), dtype=self.dtype)
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * self.dtype.itemsize
+        scale_shape = (num_layers, num_kv_heads, n_tok) if self.quantized else (0, 0, 0)
+        self.key_scales = np.zeros(scale_shape, dtype=np.float32)
+        self.value_scales = np.zeros(scale_shape, dtype=np.float32)
+        self.bytes_per_token = kv_bytes_per_token(num_layers, num_kv_heads, head_dim, self.dtype)
         self._free = np.ones(self.num_blocks, dtype=bool)
         self._num_free = self.num_blocks
         self._seqs: dict[str, _SeqBlocks] = {}
@@ -166,6 +187,35 @@ class KVCache:
         self._num_free += len(seq.blocks)
 
     # -- engine-side access -------------------------------------------------------------------
+
+    def write(self, layer: int, slots: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store ``keys``/``values`` (float32, ``(num_kv_heads, len(slots), head_dim)``) of
+        ``layer`` at pool token indices ``slots``."""
+        if not self.quantized:
+            self.keys[layer][:, slots, :] = keys
+            self.values[layer][:, slots, :] = values
+            return
+        for x, store, scales in (
+            (keys, self.keys, self.key_scales),
+            (values, self.values, self.value_scales),
+        ):
+            scale = np.max(np.abs(x), axis=2)
+            scale *= np.float32(1 / 127)
+            np.maximum(scale, np.finfo(np.float32).tiny, out=scale)
+            q = np.rint(x / scale[..., None])
+            np.clip(q, -127, 127, out=q)
+            store[layer][:, slots, :] = q
+            scales[layer][:, slots] = scale
+
+    def dequantize(self, layer: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 copies of keys and values of pool tokens ``start .. start+length-1``."""
+        sl = slice(start, start + length)
+        keys = self.keys[layer][:, sl].astype(np.float32)
+        values = self.values[layer][:, sl].astype(np.float32)
+        if self.quantized:
+            keys *= self.key_scales[layer][:, sl, None]
+            values *= self.value_scales[layer][:, sl, None]
+        return keys, values
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._seqs

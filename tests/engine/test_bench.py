@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from runtime.costmodel import CpuAssumption
-from runtime.engine.bench import DEFAULT_TRACE, build_workload, cpu_calibration, load_trace
+from runtime.engine.bench import (
+    DEFAULT_TRACE,
+    batching_gain_bound,
+    build_workload,
+    cpu_calibration,
+    load_trace,
+)
 
 
 def _trace_file(tmp_path: Path) -> Path:
@@ -71,3 +77,22 @@ def test_calibration_needs_both_measurements() -> None:
     del report["prefill"]
     with pytest.raises(ValueError, match="prefill"):
         cpu_calibration(report)
+
+
+def test_batching_gain_bound_counts_prefill_at_the_same_cost_both_ways() -> None:
+    # 100-token prompts at 500 tok/s (0.2 s), 40 outputs: alone 0.2 + 40 x 0.02 = 1.0 s;
+    # 16 streams sharing 80 ms steps: 0.2 + 40 x 0.005 = 0.4 s -> 2.5x.
+    assert batching_gain_bound(100, 40, 500, 0.020, 0.080, 16) == pytest.approx(2.5)
+    # Without prefill the bound is the decode gain alone: 16 x 20 ms / 80 ms = 4x.
+    assert batching_gain_bound(0, 40, 500, 0.020, 0.080, 16) == pytest.approx(4.0)
+
+
+def test_long_context_argument_is_validated() -> None:
+    import argparse
+
+    from runtime.engine.bench import _seqs_by_tokens
+
+    assert _seqs_by_tokens("32x2048") == (32, 2048)
+    for bad in ("32", "x2048", "0x10", "axb", "4x1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="SEQSxTOKENS"):
+            _seqs_by_tokens(bad)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from runtime.engine.kv_cache import KVCache
+from runtime.engine.kv_cache import KVCache, kv_bytes_per_token
 from runtime.scheduler import KVCapacity
 
 
@@ -75,3 +76,30 @@ def test_growth_stays_contiguous_when_neighbours_leave_room() -> None:
             assert kv.reserve(sid, n)
     # Mid-gap placement leaves each sequence room to grow in place: few runs per sequence.
     assert all(len(kv.runs(sid, 59)) <= 2 for sid in ("a", "b", "c"))
+
+
+def test_int8_pool_round_trips_within_half_a_step_and_reports_its_bytes() -> None:
+    kv = KVCache(
+        num_layers=2, num_kv_heads=2, head_dim=8, capacity_tokens=64, block_size=4, dtype=np.int8
+    )
+    # K and V int8 plus one float32 scale per (layer, head, token) for each.
+    assert kv.stats().bytes_per_token == kv_bytes_per_token(2, 2, 8, np.int8) == 2 * 2 * 2 * (8 + 4)
+    assert kv.reserve("a", 10)
+    rng = np.random.default_rng(0)
+    keys = rng.normal(0, 3, (2, 10, 8)).astype(np.float32)
+    values = rng.normal(0, 0.01, (2, 10, 8)).astype(np.float32)  # tiny values keep precision
+    slots = kv.slots("a", 0, 10)
+    kv.write(1, slots, keys, values)
+    [(start, length)] = kv.runs("a", 10)
+    got_k, got_v = kv.dequantize(1, start, length)
+    for want, got in ((keys, got_k), (values, got_v)):
+        step = np.abs(want).max(axis=2, keepdims=True) / 127  # one scale per head vector
+        assert np.all(np.abs(got - want) <= step / 2 + 1e-7)
+        assert not np.array_equal(got, want)  # it is quantised, not stored exactly
+    # Layer 0 was not written: its slots still read as zeros.
+    assert not kv.dequantize(0, start, length)[0].any()
+
+
+def test_pool_refuses_other_storage_types() -> None:
+    with pytest.raises(ValueError, match="float32 or int8"):
+        KVCache(2, 2, 8, 64, 4, dtype=np.float16)
