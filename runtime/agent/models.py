@@ -40,13 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import enum
-import gc
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +61,7 @@ from runtime.agent.backend import (
 )
 from runtime.agent.config import EngineSettings, ModelSlot, UpstreamEngineSettings
 from runtime.agent.metrics import AgentMetrics
+from runtime.engine.memory import process_rss_bytes, release_memory
 from runtime.protocol import LoadedModel
 
 __all__ = [
@@ -203,41 +200,6 @@ def plan_eviction(
 # Memory
 
 
-def process_rss_bytes() -> int:
-    """The process's resident set size, from ``/proc/self/statm`` (Linux); 0 elsewhere."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            resident_pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim  # glibc only (musl has none)
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim  # type: ignore[no-any-return]
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the system: collect reference cycles, then ask glibc to
-    return the free parts of its heaps (blocking; run it off the event loop)."""
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def estimate_memory_bytes(engine: EngineSettings | UpstreamEngineSettings) -> int:
     """What a model will take once loaded, before it has been: 0 for an upstream (the model
     lives elsewhere); for the embedded engine, its weights as float32 (the engine de-quantises
@@ -254,7 +216,7 @@ def estimate_memory_bytes(engine: EngineSettings | UpstreamEngineSettings) -> in
     embedding = tensors.get("token_embd.weight")
     vocab = int(embedding.shape[-1]) if embedding is not None else 0
     config = _config_from_metadata(read_metadata(reader), set(tensors), vocab)
-    return weights + engine.kv_cache_tokens * config.kv_bytes_per_token()
+    return weights + engine.kv_cache_tokens * config.kv_bytes_per_token(engine.kv_dtype)
 
 
 # --------------------------------------------------------------------------------------------

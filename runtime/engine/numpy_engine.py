@@ -34,6 +34,7 @@ from runtime.engine.base import (
 )
 from runtime.engine.gguf_model import GGUFModel, LlamaConfig, load_gguf
 from runtime.engine.kv_cache import KVCache
+from runtime.engine.memory import release_memory
 from runtime.engine.model_files import resolve_model_path
 from runtime.engine.sampling import sample_rows
 from runtime.engine.tokenizer import GGUFTokenizer
@@ -211,6 +212,8 @@ class NumpyEngine(Engine):
         self.config: LlamaConfig = cfg
         self._max_model_len = max_len
         self._loaded = True
+        # De-quantising leaves ~50 MB of freed temporaries in glibc's arenas; give them back.
+        release_memory()
         self.load_seconds = time.perf_counter() - start
 
     def _require(self) -> None:
