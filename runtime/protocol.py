@@ -17,6 +17,20 @@ One push per agent every few seconds::
   a bounded buffer) and nothing is counted twice.
 * The reply carries the fleet view the agent routes with and its quota leases.
 
+Model rollouts (``runtime.rollout``) add three optional parts, each left out of the JSON when
+empty, so that a fleet without a rollout exchanges exactly what it did before and agents and
+controllers of either age keep talking to each other:
+
+* ``PushReply.rollouts``: per model under a rollout, a :class:`RolloutDirective` (the traffic
+  split, the stable and candidate variants, the shadow fraction) that agents route by;
+* ``MetricsPush.versions``: for the models the last reply named, one :class:`VersionStats` per
+  (model, variant) this agent served: cumulative counters of finished requests and server-side
+  errors, plus the newest latency samples (TTFT and mean TPOT) numbered by a cumulative sample
+  count, from which the controller builds each version's ``runtime.rollout.VersionMetrics`` over
+  a rollout window (exact counts, p95s over the samples);
+* ``MetricsPush.shadow``: :class:`ShadowReport` comparisons of shadow copies with the served
+  output, carried like usage (fixed in a push at its first build, retried with it, counted once).
+
 Conversions to the pure policies' dataclasses (:class:`runtime.routing.InstanceView`,
 :class:`runtime.leases.Lease`, :class:`runtime.leases.Usage`) live here too, so neither service
 re-describes them.
@@ -26,9 +40,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, model_validator
 
 from runtime.leases import Lease, Usage
+from runtime.rollout import ShadowComparison
 from runtime.routing import InstanceView
 
 __all__ = [
@@ -40,11 +55,18 @@ __all__ = [
     "MetricsPush",
     "PeerInstance",
     "PushReply",
+    "RolloutDirective",
+    "ShadowReport",
     "TenantRecentUse",
     "UsageDelta",
+    "VersionStats",
 ]
 
 PUSH_PATH = "/v1/push"
+# Latency samples one VersionStats carries at most: the newest ones. Enough for a p95 at any
+# rate below MAX_VERSION_SAMPLES per push interval; above it the window's samples thin out.
+MAX_VERSION_SAMPLES = 256
+MAX_SHADOW_REPORTS = 1000  # per push
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -139,6 +161,62 @@ class TenantRecentUse(_Wire):
         return Usage(**self.model_dump())
 
 
+class VersionStats(_Wire):
+    """One version (variant) of a model as this agent process served it, since ``boot_id``.
+
+    ``finished`` counts requests served here to the end or to a server-side failure
+    (``errors``); a request the client abandoned is in neither. ``recent`` holds the newest
+    successful requests' ``(ttft_s, tpot_s)`` (``tpot_s`` None for a single-token output),
+    oldest first; the last one is sample number ``samples_total``, so the controller takes
+    the ``samples_total - (last seen)`` newest ones and never counts a sample twice, across
+    retried pushes included. Counters, not deltas: a lost push loses nothing.
+    """
+
+    model: Name
+    variant: Name
+    finished: NonNegativeInt = 0
+    errors: NonNegativeInt = 0
+    samples_total: NonNegativeInt = 0
+    recent: list[tuple[NonNegativeFloat, NonNegativeFloat | None]] = Field(
+        default_factory=list, max_length=MAX_VERSION_SAMPLES
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VersionStats:
+        if self.errors > self.finished:
+            raise ValueError(f"errors ({self.errors}) exceed finished ({self.finished})")
+        if len(self.recent) > self.samples_total:
+            raise ValueError(f"recent has more samples than samples_total ({self.samples_total})")
+        return self
+
+
+class ShadowReport(_Wire):
+    """A shadow copy of one request, compared with the output served to the client.
+
+    ``agreement`` is ``runtime.rollout.compare_outputs`` of the two outputs (both tokenised by
+    the model's tokenizer); ``candidate_error`` says the copy failed (its agreement is then not
+    meaningful). Latencies are end to end as the origin agent saw them.
+    """
+
+    model: Name
+    stable: Name = Field(description="The variant that served the client.")
+    candidate: Name = Field(description="The variant the copy went to.")
+    request_id: Name
+    agreement: float = Field(0.0, ge=0.0, le=1.0)
+    candidate_error: bool = False
+    stable_latency_s: NonNegativeFloat | None = None
+    candidate_latency_s: NonNegativeFloat | None = None
+
+    def to_comparison(self) -> ShadowComparison:
+        return ShadowComparison(
+            request_id=self.request_id,
+            agreement=self.agreement,
+            candidate_error=self.candidate_error,
+            stable_latency_s=self.stable_latency_s,
+            candidate_latency_s=self.candidate_latency_s,
+        )
+
+
 class MetricsPush(_Wire):
     """One agent's periodic report."""
 
@@ -149,6 +227,16 @@ class MetricsPush(_Wire):
     instance: InstanceSnapshot
     usage: list[UsageDelta] = Field(default_factory=list, max_length=10_000)
     recent_use: dict[str, TenantRecentUse] = Field(default_factory=dict)
+    versions: list[VersionStats] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Per (model, variant) served, for the models under a rollout.",
+    )
+    shadow: list[ShadowReport] = Field(
+        default_factory=list,
+        max_length=MAX_SHADOW_REPORTS,
+        description="Shadow comparisons made since the last acknowledged push.",
+    )
 
 
 class LeaseGrant(_Wire):
@@ -180,6 +268,37 @@ class PeerInstance(InstanceSnapshot):
     last_seen: float
 
 
+class RolloutDirective(_Wire):
+    """What agents do for a model under a rollout: the controller's current decision.
+
+    ``split`` maps the two variants to their share of traffic; agents choose a request's version
+    with ``runtime.rollout.choose_version`` over :meth:`ordered_split` (candidate first, as the
+    rollout's order requires, whatever order the JSON object arrived in) and route it with the
+    stable variant as fallback. ``shadow_fraction`` of requests is also copied to the candidate.
+    """
+
+    stable: Name
+    candidate: Name
+    strategy: Literal["replace", "canary", "shadow"]
+    phase: Name
+    split: dict[Name, Annotated[float, Field(ge=0.0, le=1.0)]]
+    shadow_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    compare: Literal["token-agreement", "exact-match"] = Field(
+        "token-agreement", description="How a shadow copy's output is compared with the served one."
+    )
+
+    @model_validator(mode="after")
+    def _two_versions(self) -> RolloutDirective:
+        if set(self.split) != {self.stable, self.candidate}:
+            raise ValueError("split must give a share to exactly the stable and the candidate")
+        if abs(sum(self.split.values()) - 1.0) > 1e-6:
+            raise ValueError("split: shares must sum to 1")
+        return self
+
+    def ordered_split(self) -> dict[str, float]:
+        return {self.candidate: self.split[self.candidate], self.stable: self.split[self.stable]}
+
+
 class PushReply(_Wire):
     """The controller's answer to a push."""
 
@@ -193,3 +312,6 @@ class PushReply(_Wire):
         description="Tenants whose monthly USD or accelerator-hour quota the ledger shows spent.",
     )
     fleet_over_budget: bool = Field(False, description="The fleet's monthly budget is spent.")
+    rollouts: dict[Name, RolloutDirective] = Field(
+        default_factory=dict, description="Per model under a rollout: how agents split it."
+    )

@@ -38,6 +38,21 @@ unload them (``POST /admin/models/{name}/load|unload``; an unload waits for the 
 requests). Only requests for the primary model are routed through the fleet: the controller's
 view knows each node by its primary model, so a request for another slot is served here.
 
+Rollouts (``runtime.rollout``): when the controller's reply names a rollout for the model, the
+router gets the request's version, ``choose_version(request_id, split)``, with the stable variant
+as fallback (``RouteRequest.version`` / ``fallback_version``), and a forward tells the peer the
+variant chosen (``X-Fleetform-Version``, see :mod:`.forward`). Every response says which variant
+served it in that header. Each request served here is tallied under its model and variant
+(:class:`.metrics.VersionTally`: finished, server-side errors, TTFT and TPOT samples, the same
+figures the per-class counters take) and pushed for the models under a rollout. Under a shadow
+rollout a ``shadow_sample`` of client requests is copied, once the client's request has ended
+well, to an instance serving the candidate (``X-Fleetform-Shadow: 1``, never streamed); the
+copy's output is compared with the one served (``compare_outputs`` over both outputs tokenised
+by the model's tokenizer) and the comparison is pushed to the controller. Copies run in
+background tasks, at most ``MAX_SHADOW_IN_FLIGHT`` at once (more are skipped and counted), after
+the client's answer, so they never delay or fail it; shutdown cancels and awaits them. The node
+serving a copy bills nobody for it.
+
 Drain (SIGTERM in ``fleetform agent``, or ``POST /admin/drain`` with the fleet token, e.g. on a
 spot interruption notice): ``/readyz`` turns 503 and the node reports itself unhealthy to the
 fleet, new inference requests get 503 + Retry-After, in-flight ones (forwards to peers included)
@@ -87,22 +102,32 @@ from runtime.agent.errors import APIError, make_error_middleware, param_from_val
 from runtime.agent.fleet import FleetLink, RecentUseMeter, instance_snapshot, routing_policy
 from runtime.agent.forward import (
     SERVED_BY_HEADER,
+    VERSION_HEADER,
     Hop,
     PeerFailed,
     PeerStreamBroken,
+    answer_text,
+    event_text,
     forward_headers,
     hop_from_headers,
     open_stream,
     post_whole,
     usage_comment,
 )
-from runtime.agent.metrics import AgentMetrics, ServedTally, UsageLedger
+from runtime.agent.metrics import (
+    AgentMetrics,
+    ServedTally,
+    UsageLedger,
+    VersionTally,
+    mean_tpot_s,
+)
 from runtime.agent.models import BackendFactory, ModelLease, ModelManager, ModelUnavailable
 from runtime.agent.push import MetricsPusher, pusher_for_node
 from runtime.agent.spot import SpotNotice, SpotWatcher
 from runtime.engine.base import SamplingParams
-from runtime.protocol import InstanceSnapshot
+from runtime.protocol import InstanceSnapshot, RolloutDirective, ShadowReport
 from runtime.quota import QuotaBook, QuotaTicket
+from runtime.rollout import choose_version, compare_outputs, shadow_sample
 from runtime.routing import RouteDecision, RouteOutcome, RouteRequest, RoutingPolicy, route
 from runtime.spec import SloClassSpec
 
@@ -123,6 +148,9 @@ ABORT_GRACE_S = 5.0  # after the drain deadline, how long aborted requests get t
 BUDGET_RETRY_AFTER_S = 60  # a spent fleet budget is re-judged at the controller's next reply
 UNROUTABLE_RETRY_AFTER_S = 5
 PEERS_FAILED_RETRY_AFTER_S = 1
+# Shadow copies (rollouts) in flight from this origin at once; more are skipped, never queued:
+# a copy is evidence, not work anyone waits for.
+MAX_SHADOW_IN_FLIGHT = 4
 
 
 @dataclass
@@ -151,7 +179,10 @@ class AgentState:
     drain_task: asyncio.Task[None] | None = None
     in_flight: dict[str, GenerationHandle] = field(default_factory=dict)
     served: ServedTally = field(default_factory=ServedTally)  # per class, for the autoscaler
+    versions: VersionTally = field(default_factory=VersionTally)  # per variant, for rollouts
     forwards: dict[str, asyncio.Task[Any]] = field(default_factory=dict)  # requests at peers
+    shadows: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
+    closing: bool = False  # shutting down: no new shadow copies
 
     @property
     def busy(self) -> bool:
@@ -221,11 +252,17 @@ def init(
             fleet.push_built()
             return _live_snapshot(state)
 
+        def version_stats() -> list[Any]:
+            # Only the models under a rollout: the controller asked for nothing else, and a
+            # controller that predates rollouts never names one (so never gets the field).
+            return state.versions.report(fleet.rollouts)
+
         state.pusher = pusher_for_node(
             config,
             snapshot=push_snapshot,
             recent_use=state.recent_use.report,
             on_reply=fleet.apply_reply,
+            versions=version_stats,
             environ=environ,
             interval_s=config.push_interval_s,
         )
@@ -322,6 +359,14 @@ async def _fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
         starter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await starter
+        # Shadow copies are evidence nobody waits for: cancelled, not drained.
+        state.closing = True
+        shadows = list(state.shadows)
+        for task in shadows:
+            task.cancel()
+        for task in shadows:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await pusher.stop()
         await state.peer_session.close()
 
@@ -603,14 +648,43 @@ class _Admitted:
     arrival: float
     backend: ServingBackend  # of the request's model, held by ``lease`` until the request ends
     lease: ModelLease
+    variant: str  # of the model slot serving it here (what a local answer is tallied under)
     hop: Hop | None = None  # how a forwarded request got here; None for a client's request
     ticket: QuotaTicket | None = None
+    capture: _Capture | None = None  # the output, kept when a shadow copy will compare with it
+
+    @property
+    def shadow(self) -> bool:
+        """A shadow copy a peer sent (served, never billed)."""
+        return self.hop is not None and self.hop.shadow
+
+
+@dataclass
+class _Capture:
+    """The output served to the client, for comparison with its shadow copy."""
+
+    pieces: list[str] = field(default_factory=list)
+    variant: str | None = None  # the variant that served it
+    finished_at: float | None = None  # monotonic; None until the output is complete
+
+    def restart(self) -> None:
+        self.pieces.clear()
+        self.variant = None
+
+    def done(self, variant: str | None) -> None:
+        self.variant = variant
+        self.finished_at = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 @dataclass(frozen=True)
 class _Peer:
     instance_id: str
     url: str
+    variant: str | None = None  # the variant the router chose it for
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -626,11 +700,17 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[AGENT]
     hop = hop_from_headers(request.headers, state.fleet_token)
     admitted = await _admit(request, state, kind, arrival, hop)
+    shadow: RolloutDirective | None = None
+    shadow_body = b""
     try:
         peer = _destination(state, admitted, _route(state, admitted))
         if peer is None:
             _shed_if_overloaded(state, admitted)
         admitted = _charge_quota(state, admitted)
+        shadow = _shadow_directive(state, admitted)
+        if shadow is not None:
+            admitted.capture = _Capture()
+            shadow_body = await request.read()  # aiohttp keeps the body read at admission
         if peer is None:
             return await _serve_here(request, state, admitted)
         return await _forward(request, state, admitted, peer)
@@ -638,6 +718,9 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         # The response is written (or the handler cancelled): the model is no longer busy with
         # this request, and an unload waiting for it may proceed.
         admitted.lease.release()
+        if shadow is not None:
+            # Only now, and in the background: the copy never delays or fails this request.
+            _start_shadow(request, state, admitted, shadow, shadow_body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,11 +735,22 @@ def _route(
     hop = admitted.hop
     if state.fleet is None or (hop is not None and hop.hops >= state.policy.hop_limit):
         return None
+    if hop is not None and hop.shadow:
+        return None  # a shadow copy was sent to this very instance: it is served here
     if admitted.model != state.config.model:
         return None  # the fleet view knows nodes by their primary model only: serve it here
     view = state.fleet.fleet_view(_live_snapshot(state))
     if view is None:
         return None
+    version = fallback = None
+    directive = state.fleet.rollout(admitted.model)
+    if directive is not None:
+        fallback = directive.stable
+        if hop is not None and hop.version is not None:
+            version = hop.version  # the origin chose it; a re-route keeps it
+        else:
+            # Fixed by the request id: a retry after a failed peer keeps the same version.
+            version = choose_version(admitted.request_id, directive.ordered_split())
     request = RouteRequest(
         model=admitted.model,
         slo_class=admitted.slo.name,
@@ -666,6 +760,8 @@ def _route(
         request_id=admitted.request_id,
         hops=hop.hops if hop is not None else 0,
         exclude=(hop.tried if hop is not None else frozenset()) | exclude,
+        version=version,
+        fallback_version=fallback,
     )
     decision = route(request, view, state.policy)
     log.debug("route %s: %s (%s)", admitted.request_id, decision.outcome, decision.reason)
@@ -705,7 +801,8 @@ def _destination(
     if decision.instance_id == local:
         return None
     assert decision.url is not None
-    return _Peer(decision.instance_id, decision.url)
+    chosen = decision.chosen
+    return _Peer(decision.instance_id, decision.url, chosen.variant if chosen else None)
 
 
 async def _forward(
@@ -782,8 +879,12 @@ async def _forward_once(
         # The peer must not send it back here, nor to a peer that already failed it.
         tried={*(admitted.hop.tried if admitted.hop else ()), state.config.node_id, *failed},
         fleet_token=state.fleet_token,
+        version=peer.variant,
     )
     url = peer.url.rstrip("/") + request.path
+    capture = admitted.capture
+    if capture is not None:
+        capture.restart()  # a retry after a failed peer starts the output afresh
     charged = admitted.ticket.charged_tokens if admitted.ticket is not None else 0
     # Counted before the first await, so that the next request's route already sees it.
     pending = state.fleet.forward_started(
@@ -795,6 +896,11 @@ async def _forward_once(
             answer = await post_whole(state.peer_session, url, body, headers, timeout)
             used = answer.total_tokens
             _release_quota(state, admitted, charged if used is None else used)
+            if capture is not None:
+                text = answer_text(answer.body)
+                if text is not None:
+                    capture.pieces.append(text)
+                    capture.done(answer.headers.get(VERSION_HEADER, peer.variant))
             return web.Response(
                 body=answer.body,
                 headers={**answer.headers, "Content-Type": "application/json"},
@@ -804,8 +910,12 @@ async def _forward_once(
             await response.prepare(request)
             try:
                 async for event in stream.events():
+                    if capture is not None:
+                        capture.pieces.append(event_text(event))
                     await response.write(event)
                 await response.write_eof()
+                if capture is not None:
+                    capture.done(stream.headers.get(VERSION_HEADER, peer.variant))
             except ConnectionResetError:
                 log.info("client went away during forwarded %s", admitted.request_id)
             except PeerStreamBroken as broken:
@@ -819,6 +929,185 @@ async def _forward_once(
             return response
     finally:
         state.fleet.forward_finished(pending)
+
+
+# --------------------------------------------------------------------------------------------
+# Shadow copies (model rollouts)
+
+
+def _shadow_directive(state: AgentState, admitted: _Admitted) -> RolloutDirective | None:
+    """The shadow rollout this client request is sampled into, if any."""
+    if admitted.hop is not None or state.fleet is None or state.closing or state.draining:
+        return None  # only the origin copies a request, once
+    directive = state.fleet.rollout(admitted.model)
+    if directive is None or directive.shadow_fraction <= 0:
+        return None
+    if not shadow_sample(admitted.request_id, directive.shadow_fraction):
+        return None
+    return directive
+
+
+def _start_shadow(
+    request: web.Request,
+    state: AgentState,
+    admitted: _Admitted,
+    directive: RolloutDirective,
+    body: bytes,
+) -> None:
+    """Copy a request that ended well to the candidate, in the background (bounded)."""
+    capture = admitted.capture
+    if capture is None or capture.finished_at is None or state.closing:
+        return  # the client got no complete output: nothing to compare with
+    if capture.variant == directive.candidate:
+        return  # the router fell back to the candidate itself: nothing to compare it with
+    if len(state.shadows) >= MAX_SHADOW_IN_FLIGHT:
+        state.metrics.shadow_requests.labels("sent", "skipped_busy").inc()
+        return
+    task = asyncio.get_running_loop().create_task(
+        _run_shadow(
+            state, request.path, body, request.headers.get("Authorization"), admitted, directive
+        )
+    )
+    state.shadows.add(task)
+    task.add_done_callback(state.shadows.discard)
+
+
+async def _run_shadow(
+    state: AgentState,
+    path: str,
+    body: bytes,
+    authorization: str | None,
+    admitted: _Admitted,
+    directive: RolloutDirective,
+) -> None:
+    capture = admitted.capture
+    assert capture is not None and capture.finished_at is not None
+    assert state.peer_session is not None and state.fleet_token is not None
+    try:
+        target = _shadow_target(state, admitted, directive.candidate)
+        if target is None:
+            state.metrics.shadow_requests.labels("sent", "no_candidate").inc()
+            return
+        payload = json.loads(body)
+        payload["stream"] = False  # the whole output is all a comparison needs
+        payload.pop("stream_options", None)
+        headers = forward_headers(
+            {"Authorization": authorization} if authorization else {},
+            slo_class=admitted.slo.name,
+            hops=1,
+            tried=(),
+            fleet_token=state.fleet_token,
+            version=directive.candidate,
+            shadow=True,
+        )
+        routing = state.config.routing
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=routing.forward_connect_timeout_s,
+            sock_read=routing.forward_read_timeout_s,
+        )
+        started = time.monotonic()
+        candidate_text: str | None = None
+        try:
+            answer = await post_whole(
+                state.peer_session,
+                target.url.rstrip("/") + path,
+                json.dumps(payload).encode(),
+                headers,
+                timeout,
+            )
+            candidate_text = answer_text(answer.body)
+        except PeerFailed as failure:
+            log.info("shadow copy of %s failed: %s", admitted.request_id, failure)
+        latency = time.monotonic() - started
+        failed = candidate_text is None
+        agreement = 0.0
+        if candidate_text is not None:
+            agreement = await _agreement(
+                state, admitted.model, capture.text, candidate_text, directive.compare
+            )
+        log.debug(
+            "shadow copy of %s: %d and %s characters, agreement %.3f",
+            admitted.request_id,
+            len(capture.text),
+            "no" if candidate_text is None else len(candidate_text),
+            agreement,
+        )
+        state.metrics.shadow_requests.labels("sent", "error" if failed else "ok").inc()
+        if state.pusher is not None:
+            state.pusher.record_shadow(
+                ShadowReport(
+                    model=admitted.model,
+                    stable=capture.variant or directive.stable,
+                    candidate=directive.candidate,
+                    request_id=admitted.request_id,
+                    agreement=agreement,
+                    candidate_error=failed,
+                    stable_latency_s=max(0.0, capture.finished_at - admitted.arrival),
+                    candidate_latency_s=latency,
+                )
+            )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # Evidence lost, nothing more: the client's request is long answered.
+        log.exception("shadow copy of %s failed", admitted.request_id)
+
+
+def _shadow_target(state: AgentState, admitted: _Admitted, candidate: str) -> _Peer | None:
+    """An instance serving ``candidate`` for the copy, by the router (which may be this node:
+    the copy then comes back here over HTTP, like any other). None when none can take it."""
+    assert state.fleet is not None
+    view = state.fleet.fleet_view(_live_snapshot(state))
+    if view is None:
+        return None
+    decision = route(
+        RouteRequest(
+            model=admitted.model,
+            slo_class=admitted.slo.name,
+            tenant=admitted.tenant.name,
+            prompt_tokens=len(admitted.prompt_ids),
+            max_tokens=admitted.params.max_tokens,
+            request_id=admitted.request_id,
+            version=candidate,
+        ),
+        view,
+        state.policy,
+    )
+    chosen = decision.chosen
+    # Without a candidate instance the router falls back to any: no copy then.
+    if chosen is None or chosen.variant != candidate or decision.url is None:
+        return None
+    return _Peer(chosen.instance_id, decision.url, candidate)
+
+
+async def _agreement(
+    state: AgentState,
+    model: str,
+    served: str,
+    copy: str,
+    metric: Literal["token-agreement", "exact-match"],
+) -> float:
+    """``compare_outputs`` of two outputs, tokenised by the model's tokenizer when it is loaded
+    here (off the event loop), else split on whitespace; both sides always the same way."""
+    backend = state.models.backend_of(model)
+
+    def tokens() -> tuple[list[Any], list[Any]]:
+        if backend is not None and backend.ready:
+            try:
+                # The tokenizer may prepend special tokens (BOS) to any text: drop what it
+                # prepends to an empty one, so two outputs do not agree on it for free.
+                prefix = backend.encode("")
+                a, b = backend.encode(served), backend.encode(copy)
+                if prefix and a[: len(prefix)] == prefix and b[: len(prefix)] == prefix:
+                    a, b = a[len(prefix) :], b[len(prefix) :]
+                return a, b
+            except (BackendError, ValueError, TypeError):
+                pass  # unloaded meanwhile: words will do
+        return served.split(), copy.split()
+
+    stable_tokens, candidate_tokens = await asyncio.get_running_loop().run_in_executor(None, tokens)
+    return compare_outputs(stable_tokens, candidate_tokens, metric)
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,15 +1141,19 @@ async def _serve_here(
         ) from None
     except BackendError as error:
         _release_quota(state, admitted, 0)
+        if not admitted.shadow:
+            _tally_failure(state, admitted)
         raise APIError(
             503, str(error), code="unavailable", retry_after=LOADING_RETRY_AFTER_S, reason="loading"
         ) from None
     state.in_flight[admitted.request_id] = handle
-    state.served.admitted(admitted.slo.name)
+    if not admitted.shadow:
+        state.served.admitted(admitted.slo.name)
     headers = {
         "X-Request-Id": admitted.request_id,
         EFFECTIVE_PRIORITY_HEADER: admitted.slo.name,
         SERVED_BY_HEADER: state.config.node_id,
+        VERSION_HEADER: admitted.variant,
     }
     watcher = asyncio.get_running_loop().create_task(_abort_on_disconnect(request, handle))
     try:
@@ -870,6 +1163,11 @@ async def _serve_here(
     finally:
         watcher.cancel()
         handle.abort()  # no-op if it finished; stops generation if the handler is leaving early
+
+
+def _tally_failure(state: AgentState, admitted: _Admitted) -> None:
+    state.versions.failed(admitted.model, admitted.variant)
+    state.metrics.version_requests.labels(admitted.model, admitted.variant, "error").inc()
 
 
 def _prompt_param(kind: Kind) -> str:
@@ -894,6 +1192,12 @@ def _on_done(state: AgentState, admitted: _Admitted) -> Callable[[GenerationResu
     def done(result: GenerationResult) -> None:
         state.in_flight.pop(result.request_id, None)
         _release_quota(state, admitted, result.prompt_tokens + result.completion_tokens)
+        if admitted.shadow:
+            # A shadow copy: nobody is billed or metered for it, and it is no arrival for the
+            # autoscaler nor a sample of its version (its comparison is the origin's report).
+            ok = result.error is None and result.finish_reason != "abort"
+            state.metrics.shadow_requests.labels("served", "ok" if ok else "error").inc()
+            return
         tenant, slo_class = admitted.tenant.name, admitted.slo.name
         usd = result.accelerator_seconds * price_per_s
         state.usage.record(
@@ -914,14 +1218,24 @@ def _on_done(state: AgentState, admitted: _Admitted) -> Callable[[GenerationResu
         m.accelerator_seconds.labels(tenant).inc(result.accelerator_seconds)
         m.cost_usd.labels(tenant).inc(usd)
         m.requests.labels(tenant, slo_class, result.finish_reason).inc()
-        gaps = result.inter_token_s
+        tpot_s = mean_tpot_s(result)
         state.served.finished(
             slo_class,
             ttft_s=result.ttft_s,
-            tpot_s=sum(gaps) / len(gaps) if gaps else None,
+            tpot_s=tpot_s,
             ttft_target_s=admitted.slo.ttft_ms / 1000.0,
             tpot_target_s=admitted.slo.tpot_ms / 1000.0,
         )
+        # The same figures per version, for rollouts. A server-side failure is the version's
+        # fault; a request its client abandoned (or a drain aborted) is neither a success nor
+        # a failure of the version, so it is not counted.
+        if result.error is not None:
+            _tally_failure(state, admitted)
+        elif result.finish_reason != "abort":
+            state.versions.finished(
+                admitted.model, admitted.variant, ttft_s=result.ttft_s, tpot_s=tpot_s
+            )
+            m.version_requests.labels(admitted.model, admitted.variant, "ok").inc()
         if result.queue_s is not None:
             m.queue_time.labels(slo_class).observe(result.queue_s)
         if result.ttft_s is not None:
@@ -1107,6 +1421,18 @@ async def _admit_for_model(
             code="unknown_priority_class",
             reason="bad_request",
         ) from None
+    slot = state.models.spec(lease.model)
+    assert slot is not None
+    variant = slot.variant
+    if hop is not None and hop.version is not None and hop.version != variant:
+        # The origin routed on a view older than this node's config (or a spec that moved):
+        # serve the variant held here rather than fail, and say so in X-Fleetform-Version.
+        log.warning(
+            "asked for %s variant %r; this node serves %r, which serves it",
+            lease.model,
+            hop.version,
+            variant,
+        )
     stream = body.stream
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return _Admitted(
@@ -1122,6 +1448,7 @@ async def _admit_for_model(
         arrival=arrival,
         backend=backend,
         lease=lease,
+        variant=variant,
         hop=hop,
     )
 
@@ -1341,6 +1668,9 @@ async def _collect(
     if last is None or last.finish_reason == "abort":
         raise _aborted_error(state)
     text = "".join(pieces)
+    if admitted.capture is not None:
+        admitted.capture.pieces.append(text)
+        admitted.capture.done(admitted.variant)
     common = {
         "id": admitted.request_id,
         "created": int(time.time()),
@@ -1458,8 +1788,12 @@ async def _stream(
                 await response.write(sse.error(_aborted_error(state)))
                 break
             if chunk.text:
+                if admitted.capture is not None:
+                    admitted.capture.pieces.append(chunk.text)
                 await response.write(sse.text(chunk.text))
             if chunk.finished:
+                if admitted.capture is not None:
+                    admitted.capture.done(admitted.variant)
                 await response.write(sse.finish(chunk.finish_reason or "stop"))
                 if admitted.include_usage:
                     await response.write(sse.usage(chunk.prompt_tokens, chunk.completion_tokens))

@@ -356,6 +356,7 @@ class EngineCoreBackend:
         return NumpyEngine(
             s.model_path,
             kv_cache_tokens=s.kv_cache_tokens,
+            kv_dtype=s.kv_dtype,
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
@@ -475,6 +476,10 @@ class EngineCoreBackend:
 
     def _step_loop(self) -> None:
         core = self.core
+        # Fault injection (EngineSettings.inject_delay_ms): inside the timed step, so the delay
+        # shows in token times (TTFT, TPOT), measured throughput and attributed time alike, as
+        # a really slower variant's would.
+        delay_s = self._settings.inject_delay_ms / 1000.0
         while not self._stopping:
             self._wake.clear()
             if not core.has_unfinished():
@@ -486,6 +491,8 @@ class EngineCoreBackend:
             except Exception as error:
                 self._step_failed(error)
                 continue
+            if delay_s > 0:
+                time.sleep(delay_s)
             self._consecutive_failures = 0
             wall = time.perf_counter() - started
             work, self._engine.last_step = self._engine.last_step, None  # type: ignore[union-attr]

@@ -83,12 +83,26 @@ class EngineSettings(_Strict):
         default=None, description="GGUF file; default: the bundled SmolLM2-135M model."
     )
     kv_cache_tokens: int = Field(default=16384, ge=16, description="Tokens the KV pool holds.")
+    kv_dtype: Literal["float32", "int8"] = Field(
+        default="float32",
+        description="KV pool storage: float32 is exact; int8 (a float32 scale per head vector) "
+        "holds 3.8x the tokens in the same memory, at a small cost in accuracy.",
+    )
     max_num_seqs: int = Field(default=32, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=256, ge=1)
     max_model_len: int | None = Field(
         default=None, ge=2, description="Longest prompt + output; default from the model."
     )
     seed: int | None = Field(default=None, ge=0, description="Seed of unseeded sampling.")
+    inject_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="Fault injection for canary testing: the engine sleeps this long after "
+        "every step, i.e. per generated token of each sequence in the batch (and per prompt "
+        "chunk), so this model (variant) is measurably slower in TTFT and TPOT. 0: off. Never "
+        "set it on a production node.",
+    )
 
 
 class UpstreamEngineSettings(_Strict):

@@ -8,7 +8,8 @@ injected clock (no I/O: the HTTP legs are :mod:`runtime.agent.push` and
   serving backend's live stats, and :class:`RecentUseMeter`, each tenant's recent admissions
   here, which the controller splits the tenant's fleet quota by;
 * what a :class:`runtime.protocol.PushReply` changes (:meth:`FleetLink.apply_reply`): each
-  tenant's quota lease, monthly-budget blocks, the fleet-wide budget flag, the fleet view;
+  tenant's quota lease, monthly-budget blocks, the fleet-wide budget flag, the fleet view, and
+  the model rollouts (:meth:`FleetLink.rollout`: the split the agent routes each model by);
 * what the router decides over: :func:`routing_policy` (the spec's routing policy, as the node
   config carries it) and :meth:`FleetLink.fleet_view`.
 
@@ -57,7 +58,13 @@ from runtime.agent.backend import BackendStats
 from runtime.agent.config import NodeConfig, TenantConfig
 from runtime.agent.metrics import ServedTally
 from runtime.leases import fallback_lease
-from runtime.protocol import ClassCounters, InstanceSnapshot, PushReply, TenantRecentUse
+from runtime.protocol import (
+    ClassCounters,
+    InstanceSnapshot,
+    PushReply,
+    RolloutDirective,
+    TenantRecentUse,
+)
 from runtime.quota import QuotaBook, QuotaLease, QuotaLimitName
 from runtime.routing import ClassPolicy, FleetView, InstanceView, RoutingPolicy
 from runtime.spec import Quality
@@ -240,6 +247,9 @@ class FleetLink:
         self.quotas = quotas
         self.clock = clock
         self.reply: PushReply | None = None
+        # Per model under a rollout: the split the controller last published (kept while the
+        # controller is away, like the fleet view it goes with).
+        self.rollouts: dict[str, RolloutDirective] = {}
         self._received_at = 0.0  # agent clock
         self._push_built_at: float | None = None
         self._valid_until = -math.inf  # agent clock: end of the last reply's budget verdicts
@@ -264,6 +274,7 @@ class FleetLink:
 
         self.reply = reply
         self._received_at = now
+        self.rollouts = dict(reply.rollouts)
         agents = self.expected_agents
         over = set(reply.over_budget_tenants)
         default_expiry = built_at + self.config.routing.peer_stale_after_s
@@ -306,6 +317,10 @@ class FleetLink:
             for instance, failed in self._failed_at.items()
             if failed >= seen.get(instance, -math.inf)
         }
+
+    def rollout(self, model: str) -> RolloutDirective | None:
+        """The rollout directive for ``model`` from the last reply, if it is under one."""
+        return self.rollouts.get(model)
 
     @property
     def fleet_over_budget(self) -> bool:

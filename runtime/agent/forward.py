@@ -21,8 +21,21 @@ it posts the client's body unchanged to the same route of the peer, with these h
     serves the request. A hop header without a valid token is refused (401), so a client
     cannot skip its quota by claiming to be a peer.
 
+Two more headers carry model rollouts (``runtime.rollout``), and like the hop they count only
+with the fleet token (a client cannot pick a version or pose as a shadow copy):
+
+``X-Fleetform-Version``
+    The variant the origin's router chose for the request (the variant the chosen peer
+    reported serving). The peer serves the request's model with its own slot for that model; if
+    that slot holds another variant (the origin routed on a stale view), it serves it anyway
+    rather than fail the request, logs the mismatch, and says which variant served in its
+    response header of the same name, which is also on every response served here.
+``X-Fleetform-Shadow: 1``
+    A shadow copy: the peer serves it like any forward but never bills it (no usage, no tenant
+    metrics, no per-class or per-version tallies) and never re-routes it.
+
 The peer's answer goes back to the client unchanged, with its ``X-Request-Id``,
-``X-Fleetform-Priority`` and ``X-Fleetform-Served-By``. For a forwarded *streaming* request the
+``X-Fleetform-Priority``, ``X-Fleetform-Served-By`` and ``X-Fleetform-Version``. For a forwarded *streaming* request the
 peer appends one SSE comment before ``data: [DONE]``, ``: fleetform-usage {...}`` with the tokens
 used (SSE clients ignore comments, and the origin strips it anyway), so the origin can settle the
 quota even when the client did not ask for usage.
@@ -54,14 +67,18 @@ __all__ = [
     "FLEET_TOKEN_HEADER",
     "HOPS_HEADER",
     "SERVED_BY_HEADER",
+    "SHADOW_HEADER",
     "TRIED_HEADER",
+    "VERSION_HEADER",
     "Hop",
     "PeerAnswer",
     "PeerFailed",
     "PeerStream",
     "PeerStreamBroken",
     "SSESplitter",
+    "answer_text",
     "carries_output",
+    "event_text",
     "forward_headers",
     "hop_from_headers",
     "open_stream",
@@ -74,9 +91,12 @@ HOPS_HEADER = "X-Fleetform-Hops"
 TRIED_HEADER = "X-Fleetform-Tried"
 FLEET_TOKEN_HEADER = "X-Fleetform-Fleet-Token"
 SERVED_BY_HEADER = "X-Fleetform-Served-By"
+VERSION_HEADER = "X-Fleetform-Version"
+SHADOW_HEADER = "X-Fleetform-Shadow"
 PRIORITY_HEADER = "X-Priority"
 # Response headers of the peer that reach the client.
-PASSED_HEADERS = ("X-Request-Id", "X-Fleetform-Priority", SERVED_BY_HEADER)
+PASSED_HEADERS = ("X-Request-Id", "X-Fleetform-Priority", SERVED_BY_HEADER, VERSION_HEADER)
+MAX_VERSION_LENGTH = 128
 USAGE_COMMENT_PREFIX = b": fleetform-usage "
 DONE_EVENT = b"data: [DONE]\n\n"
 MAX_HOPS = 16  # far above any hop limit the spec allows; bounds what a peer may claim
@@ -89,6 +109,8 @@ class Hop:
 
     hops: int
     tried: frozenset[str]
+    version: str | None = None  # the variant the origin routed it to (X-Fleetform-Version)
+    shadow: bool = False  # a shadow copy (X-Fleetform-Shadow): served, never billed
 
 
 def hop_from_headers(headers: Mapping[str, str], fleet_token: str | None) -> Hop | None:
@@ -120,7 +142,17 @@ def hop_from_headers(headers: Mapping[str, str], fleet_token: str | None) -> Hop
             reason="bad_request",
         )
     tried = [t.strip() for t in headers.get(TRIED_HEADER, "").split(",") if t.strip()]
-    return Hop(hops, frozenset(tried[:MAX_TRIED]))
+    version = (headers.get(VERSION_HEADER) or "").strip() or None
+    if version is not None and len(version) > MAX_VERSION_LENGTH:
+        raise APIError(
+            400,
+            f"{VERSION_HEADER}: longer than {MAX_VERSION_LENGTH} characters",
+            param=VERSION_HEADER,
+            code="invalid_value",
+            reason="bad_request",
+        )
+    shadow = (headers.get(SHADOW_HEADER) or "").strip() == "1"
+    return Hop(hops, frozenset(tried[:MAX_TRIED]), version, shadow)
 
 
 def forward_headers(
@@ -130,8 +162,11 @@ def forward_headers(
     hops: int,
     tried: Iterable[str],
     fleet_token: str,
+    version: str | None = None,
+    shadow: bool = False,
 ) -> dict[str, str]:
-    """The headers of a forward (``hops`` counts this one)."""
+    """The headers of a forward (``hops`` counts this one); ``version`` and ``shadow`` as the
+    module docstring says."""
     headers = {
         "Content-Type": "application/json",
         PRIORITY_HEADER: slo_class,
@@ -139,6 +174,10 @@ def forward_headers(
         TRIED_HEADER: ",".join(sorted(tried)),
         FLEET_TOKEN_HEADER: fleet_token,
     }
+    if version is not None:
+        headers[VERSION_HEADER] = version
+    if shadow:
+        headers[SHADOW_HEADER] = "1"
     if "Authorization" in client_headers:
         headers["Authorization"] = client_headers["Authorization"]
     return headers
@@ -163,6 +202,47 @@ def parse_usage_comment(event: bytes) -> tuple[int, int] | None:
         return int(data["prompt_tokens"]), int(data["completion_tokens"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _choice_text(data: object) -> str:
+    """The output text in a response or stream chunk (chat or completion), "" if none."""
+    if not isinstance(data, dict):
+        return ""
+    pieces = []
+    for choice in data.get("choices") or []:
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        message = choice.get("message") or choice.get("delta") or {}
+        text = message.get("content") if isinstance(message, dict) else None
+        if text is None:
+            text = choice.get("text")
+        if isinstance(text, str):
+            pieces.append(text)
+    return "".join(pieces)
+
+
+def answer_text(body: bytes) -> str | None:
+    """The output text of a complete (non-streamed) answer; None if it is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not data.get("choices"):
+        return None
+    return _choice_text(data)
+
+
+def event_text(event: bytes) -> str:
+    """The output text one SSE event adds ("" for comments, [DONE] and anything else)."""
+    if not event.startswith(b"data:"):
+        return ""
+    payload = event[len(b"data:") :].strip()
+    if payload == b"[DONE]":
+        return ""
+    try:
+        return _choice_text(json.loads(payload))
+    except ValueError:
+        return ""
 
 
 class SSESplitter:

@@ -21,6 +21,9 @@ Series (all prefixed ``fleetform_``):
   once unloaded) and ``model_memory_budget_bytes``;
 * ``routed_requests_total`` by router outcome and target (local or peer), and
   ``forward_failures_total`` by reason (connect, timeout, status, disconnected);
+* model rollouts: ``version_requests_total`` by model, variant and result (ok, error), and
+  ``shadow_requests_total`` by side (``sent``: copies this origin made, ``served``: copies this
+  node ran for a peer, never billed) and result (ok, error, skipped_busy, no_candidate);
 * gauges read at scrape time: ``queue_depth`` (waiting), ``running_sequences``,
   ``in_flight_requests``, ``kv_cache_used_bytes``, ``kv_cache_usage_ratio``, ``ready``,
   ``draining``, ``prefill_tokens_per_second``, ``decode_step_seconds``.
@@ -31,14 +34,23 @@ Series (all prefixed ``fleetform_``):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.agent.backend import BackendStats
+from runtime.agent.backend import BackendStats, GenerationResult
+from runtime.protocol import MAX_VERSION_SAMPLES, VersionStats
 
-__all__ = ["AgentMetrics", "TenantUsage", "UsageLedger"]
+__all__ = [
+    "AgentMetrics",
+    "ServedTally",
+    "TenantUsage",
+    "UsageLedger",
+    "VersionTally",
+    "mean_tpot_s",
+]
 
 # From tens of milliseconds (a GPU) to minutes (a queued CPU batch job).
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -136,6 +148,21 @@ class AgentMetrics:
             "fleetform_forward_failures",
             "Forwards to a peer that failed before any output (then tried elsewhere), by reason.",
             ["reason"],
+            registry=r,
+        )
+
+        self.version_requests = Counter(
+            "fleetform_version_requests",
+            "Requests served here per model version (variant), for rollouts: ok or error "
+            "(a server-side failure).",
+            ["model", "variant", "result"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "fleetform_shadow_requests",
+            "Shadow copies of requests (model rollouts), never billed: sent by this origin or "
+            "served here for a peer, by result.",
+            ["side", "result"],
             registry=r,
         )
 
@@ -299,3 +326,61 @@ class ServedTally:
             tally.ttft_met += 1
         if ttft_s is not None and (tpot_s is None or tpot_s <= tpot_target_s):
             tally.tpot_met += 1
+
+
+def mean_tpot_s(result: GenerationResult) -> float | None:
+    """A request's time per output token: the mean of its inter-token gaps (None for one
+    token). The one definition behind the per-class and the per-version figures."""
+    gaps = result.inter_token_s
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+@dataclass
+class _VersionCounts:
+    finished: int = 0
+    errors: int = 0
+    samples_total: int = 0
+    recent: deque[tuple[float, float | None]] = field(
+        default_factory=lambda: deque(maxlen=MAX_VERSION_SAMPLES)
+    )
+
+
+@dataclass
+class VersionTally:
+    """Per (model, variant) served here: cumulative counts and the newest latency samples.
+
+    Reported with every push (:class:`runtime.protocol.VersionStats`) for the models under a
+    rollout; the controller turns them into ``runtime.rollout.VersionMetrics`` per window.
+    """
+
+    versions: dict[tuple[str, str], _VersionCounts] = field(default_factory=dict)
+
+    def finished(
+        self, model: str, variant: str, *, ttft_s: float | None, tpot_s: float | None
+    ) -> None:
+        counts = self.versions.setdefault((model, variant), _VersionCounts())
+        counts.finished += 1
+        if ttft_s is not None:
+            counts.samples_total += 1
+            counts.recent.append((ttft_s, tpot_s))
+
+    def failed(self, model: str, variant: str) -> None:
+        """A server-side failure of a request this version was serving."""
+        counts = self.versions.setdefault((model, variant), _VersionCounts())
+        counts.finished += 1
+        counts.errors += 1
+
+    def report(self, models: Collection[str]) -> list[VersionStats]:
+        """The versions of ``models`` served so far (those under a rollout)."""
+        return [
+            VersionStats(
+                model=model,
+                variant=variant,
+                finished=c.finished,
+                errors=c.errors,
+                samples_total=c.samples_total,
+                recent=list(c.recent),
+            )
+            for (model, variant), c in sorted(self.versions.items())
+            if model in models
+        ]

@@ -124,6 +124,23 @@ def _completion_operation(
                 "description": "Between agents only: comma-separated instances already tried.",
                 "schema": {"type": "string"},
             },
+            {
+                "name": "X-Fleetform-Version",
+                "in": "header",
+                "required": False,
+                "description": "Between agents only (with X-Fleetform-Hops): the model variant "
+                "a rollout's split sent the request to. A node whose slot for the model holds "
+                "another variant serves that one and says so in the response header.",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "X-Fleetform-Shadow",
+                "in": "header",
+                "required": False,
+                "description": "Between agents only (with X-Fleetform-Hops): 1 for a shadow "
+                "copy of a request (shadow rollout), served but never billed.",
+                "schema": {"type": "string", "enum": ["1"]},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -142,6 +159,11 @@ def _completion_operation(
                     "X-Fleetform-Served-By": {
                         "description": "Node that generated the completion (the request may "
                         "have been forwarded to a peer).",
+                        "schema": {"type": "string"},
+                    },
+                    "X-Fleetform-Version": {
+                        "description": "Model variant that generated the completion (under a "
+                        "rollout, the version the traffic split chose).",
                         "schema": {"type": "string"},
                     },
                 },

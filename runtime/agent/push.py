@@ -31,6 +31,13 @@ The bound on unacknowledged usage
     Usage lives in memory only: what is unacknowledged when the process dies is lost.
     :meth:`MetricsPusher.stop` therefore tries to deliver it first, for up to
     ``flush_timeout_s``.
+
+Rollouts
+    Per-version stats (``versions``, a callable, like the snapshot: cumulative, rebuilt on every
+    attempt) and shadow comparisons (:meth:`MetricsPusher.record_shadow`: moved into a push when
+    it is first built and retried with it, like usage; at most ``MAX_SHADOW_REPORTS`` wait,
+    the oldest are dropped beyond) ride along. Both are left out of the JSON when empty, so a
+    push to a controller that predates rollouts stays what it was.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ import math
 import random
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +62,15 @@ from pydantic import ValidationError
 
 from runtime.agent.config import NodeConfig, NodeConfigError
 from runtime.protocol import (
+    MAX_SHADOW_REPORTS,
     PUSH_PATH,
     InstanceSnapshot,
     MetricsPush,
     PushReply,
+    ShadowReport,
     TenantRecentUse,
     UsageDelta,
+    VersionStats,
 )
 
 __all__ = [
@@ -178,6 +188,7 @@ class _Batch:
 
     seq: int
     usage: tuple[UsageDelta, ...]
+    shadow: tuple[ShadowReport, ...] = ()
 
 
 OnReply = Callable[[PushReply], Awaitable[None] | None]
@@ -195,6 +206,7 @@ class MetricsPusher:
         snapshot: Callable[[], InstanceSnapshot],
         recent_use: Callable[[], Mapping[str, TenantRecentUse]],
         on_reply: OnReply,
+        versions: Callable[[], Sequence[VersionStats]] | None = None,
         interval_s: float = 2.0,
         timeout_s: float = 5.0,
         backoff_initial_s: float = 0.5,
@@ -234,6 +246,9 @@ class MetricsPusher:
         self._snapshot = snapshot
         self._recent_use = recent_use
         self._on_reply = on_reply
+        self._versions = versions
+        self.shadow_pending: deque[ShadowReport] = deque(maxlen=MAX_SHADOW_REPORTS)
+        self.shadow_dropped = 0
         self._clock = clock
         self._rng = rng or random.Random()
         self._session = session
@@ -270,6 +285,12 @@ class MetricsPusher:
             usd=usd,
         )
 
+    def record_shadow(self, report: ShadowReport) -> None:
+        """Queue one shadow comparison for the next push (the oldest go when too many wait)."""
+        if len(self.shadow_pending) == self.shadow_pending.maxlen:
+            self.shadow_dropped += 1
+        self.shadow_pending.append(report)
+
     @property
     def unacknowledged_seq(self) -> int | None:
         """The seq being retried, if a push awaits its answer."""
@@ -286,7 +307,9 @@ class MetricsPusher:
         """One attempt: build the next push (or reuse the unanswered one), post it, hand the
         reply to ``on_reply``. Raises :class:`PushError` on failure; the batch is kept."""
         if self._batch is None:
-            self._batch = _Batch(self._next_seq, self.pending.take())
+            shadow = tuple(self.shadow_pending)
+            self.shadow_pending.clear()
+            self._batch = _Batch(self._next_seq, self.pending.take(), shadow)
             self._next_seq += 1
         batch = self._batch
         try:
@@ -298,6 +321,8 @@ class MetricsPusher:
                 instance=self._snapshot(),
                 usage=list(batch.usage),
                 recent_use=dict(self._recent_use()),
+                versions=list(self._versions()) if self._versions is not None else [],
+                shadow=list(batch.shadow),
             )
         except Exception as error:  # a bug in a callable must not stop usage delivery
             raise PushError(f"cannot build the push: {error}") from error
@@ -316,7 +341,9 @@ class MetricsPusher:
 
     async def _post(self, body: MetricsPush) -> PushReply:
         session = self._ensure_session()
-        data = body.model_dump_json().encode()
+        # Rollout fields only when there is something in them (see the module docstring).
+        empty = {name for name in ("versions", "shadow") if not getattr(body, name)}
+        data = body.model_dump_json(exclude=empty or None).encode()
         headers = {**self._headers, "Content-Type": "application/json"}
         try:
             async with session.post(

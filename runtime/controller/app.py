@@ -19,6 +19,11 @@ This module owns the controller's HTTP surface and the wiring of its parts:
     The newest scaling plan (desired replicas per pool with reasons), what the applier did
     with it, and the replicas currently requested; ``fleetform up`` polls it to start and
     drain local agents.
+``GET /v1/rollouts`` (admin token)
+    Every model rollout of the spec (:mod:`runtime.controller.rollouts`): phase, split, the
+    figures the latest decision judged, shadow statistics, the decisions that changed
+    something (with reasons, kept across restarts) and the latest decisions of any kind. Push
+    replies carry each rollout's split to the agents.
 ``GET /healthz``, ``GET /metrics``
     Liveness, and Prometheus metrics from a registry of this application's own.
 
@@ -70,6 +75,7 @@ from runtime.controller.ledger import (
     UsageTotals,
     month_bounds,
 )
+from runtime.controller.rollouts import RolloutLoop
 from runtime.protocol import PUSH_PATH, ClassCounters, LeaseGrant, MetricsPush, PushReply
 
 __all__ = ["CONTROLLER", "ControllerMetrics", "ControllerState", "init"]
@@ -127,6 +133,7 @@ class ControllerState:
     executor: ThreadPoolExecutor | None = None
     ledger: Ledger | None = None
     autoscale: AutoscaleLoop | None = None  # None: autoscaling disabled in the spec
+    rollouts: RolloutLoop | None = None  # None: no model of the spec has a rollout
 
     async def db(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run a ledger call on the ledger's thread."""
@@ -183,6 +190,11 @@ def init(
             applier=applier or PublishOnly(),
             state_path=config.db_path.with_name(config.db_path.name + ".autoscale.json"),
         )
+    if any(model.rollout is not None for model in config.spec.models):
+        state.rollouts = RolloutLoop(
+            config.spec,
+            state_path=config.db_path.with_name(config.db_path.name + ".rollouts.json"),
+        )
     metrics.live_agents.set_function(lambda: len(state.fleet.fresh_agents(state.clock())))
     metrics.lease_holders.set_function(lambda: len(state.fleet.lease_holders(state.clock())))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
@@ -190,10 +202,12 @@ def init(
     app.cleanup_ctx.append(_ledger_lifecycle)
     app.cleanup_ctx.append(_sweeper_lifecycle)
     app.cleanup_ctx.append(_autoscale_lifecycle)
+    app.cleanup_ctx.append(_rollout_lifecycle)
     app.router.add_post(PUSH_PATH, push)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/v1/autoscale", autoscale_status)
+    app.router.add_get("/v1/rollouts", rollouts_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     from runtime.controller.dashboard import add_dashboard_routes  # imports this module
@@ -295,6 +309,38 @@ async def _autoscale_forever(state: ControllerState, loop: AutoscaleLoop) -> Non
         except Exception:
             # One failed period (a ledger hiccup, an applier bug) must not end autoscaling.
             log.exception("autoscaling period failed")
+
+
+async def _rollout_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[CONTROLLER]
+    loop = state.rollouts
+    if loop is None:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(_rollouts_forever(state, loop))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # Shadow comparisons recorded since the last period are part of the memory too.
+    try:
+        await asyncio.to_thread(loop.save, loop.dump())
+    except OSError:
+        log.exception("saving the rollout state failed")
+
+
+async def _rollouts_forever(state: ControllerState, loop: RolloutLoop) -> None:
+    """Every ``rollout_period_s``: decide every rollout over the fresh agents, persist."""
+    while True:
+        await asyncio.sleep(state.config.rollout_period_s)
+        try:
+            now = state.clock()
+            loop.step(now, state.fleet.fresh_agents(now))
+            # Taken on the event loop (pushes change it), written off it.
+            await asyncio.to_thread(loop.save, loop.dump())
+        except Exception:
+            # One failed period must not end the rollouts; the next one decides again.
+            log.exception("rollout period failed")
 
 
 def _record_plan(
@@ -422,6 +468,8 @@ async def push(request: web.Request) -> web.Response:
     ledger = state.require_ledger()
     accepted, month, fleet_usd = await state.db(_record, ledger, body, now)
     state.fleet.observe(body, now)
+    if state.rollouts is not None:
+        state.rollouts.observe(body, accepted=accepted)
     leases = state.fleet.grant(body.agent_id, now)
     over, fleet_over = over_budget(state.config.spec, month, fleet_usd)
     state.metrics.pushes.labels("accepted" if accepted else "duplicate").inc()
@@ -435,8 +483,12 @@ async def push(request: web.Request) -> web.Response:
         leases={tenant: LeaseGrant.from_lease(lease) for tenant, lease in leases.items()},
         over_budget_tenants=over,
         fleet_over_budget=fleet_over,
+        rollouts=state.rollouts.directives() if state.rollouts is not None else {},
     )
-    return web.json_response(text=reply.model_dump_json())
+    # Without a rollout the reply is what it was before rollouts existed, so agents that
+    # predate them (which refuse unknown fields) keep working.
+    text = reply.model_dump_json(exclude=None if reply.rollouts else {"rollouts"})
+    return web.json_response(text=text)
 
 
 async def _read_push(request: web.Request) -> MetricsPush:
@@ -662,6 +714,18 @@ async def autoscale_status(request: web.Request) -> web.Response:
     if state.autoscale is None:
         return web.json_response({"enabled": False})
     return web.json_response({"enabled": True, **state.autoscale.latest()})
+
+
+async def rollouts_status(request: web.Request) -> web.Response:
+    state = request.app[CONTROLLER]
+    if not _matches(_presented_digest(request), state.admin_token_sha256):
+        raise _unauthorized("admin token")
+    now = state.clock()
+    if state.rollouts is None:
+        return web.json_response({"enabled": False, "now": now, "rollouts": [], "decisions": []})
+    return web.json_response(
+        {"now": now, "period_s": state.config.rollout_period_s, **state.rollouts.status()}
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -71,6 +71,13 @@ class ControllerConfig(BaseModel):
         description="How often the fleet-wide lease split is redone (also whenever the set of "
         "agents changes); each push is granted from the latest split.",
     )
+    rollout_period_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often model rollouts are judged (runtime.controller.rollouts); the "
+        "spec's step_interval_s and min_requests say when a step may move, this only how "
+        "promptly it is noticed.",
+    )
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
     push_retention_s: float = Field(
         default=7 * 86_400.0,

@@ -5,8 +5,10 @@ This module owns, on the controller application (:func:`add_dashboard_routes`):
 ``GET /dashboard`` (admin)
     An HTML page over a window (``?window=1h|24h|7d``, default ``24h``): cost per tenant and
     per pool per hour (from ``usage_hourly``), SLO attainment per class (TTFT and TPOT), ready
-    and desired replicas per pool, queue depth per pool, and the autoscaler's recent decisions
-    with their reasons and outcome. The charts are SVG drawn here with matplotlib and inlined:
+    and desired replicas per pool, queue depth per pool, the autoscaler's recent decisions
+    with their reasons and outcome, and the model rollouts (current split, phase, shadow
+    agreement, and the rollout decisions that changed something, with their reasons; live
+    state from :class:`runtime.controller.rollouts.RolloutLoop`, not a window of the ledger). The charts are SVG drawn here with matplotlib and inlined:
     the page loads nothing else, runs no script (its Content-Security-Policy forbids both) and
     so works with no network.
 ``GET /dashboard/data.json`` (admin)
@@ -327,9 +329,25 @@ async def _figures(request: web.Request, window: Window) -> dict[str, Any]:
         )
 
     hourly, pools, slo, decisions = await state.db(read)
-    return await request.app[DASHBOARD].run(
+    figures = await request.app[DASHBOARD].run(
         build_figures, window, now, hourly, pools, slo, decisions
     )
+    figures["rollouts"] = rollout_figures(state)
+    return figures
+
+
+def rollout_figures(state: ControllerState) -> dict[str, Any]:
+    """The rollouts as the page shows them: each one's state, and every decision that changed
+    something, newest first (taken on the event loop: pushes change the state)."""
+    if state.rollouts is None:
+        return {"enabled": False, "rollouts": [], "changes": []}
+    status = state.rollouts.status()
+    changes = sorted(
+        (event for rollout in status["rollouts"] for event in rollout["events"]),
+        key=lambda event: event["at"],
+        reverse=True,
+    )[:DECISIONS_SHOWN]
+    return {"enabled": True, "rollouts": status["rollouts"], "changes": changes}
 
 
 # --------------------------------------------------------------------------------------------

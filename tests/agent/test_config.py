@@ -284,6 +284,10 @@ def test_overrides_reach_the_node_config() -> None:
             {"engine": {"kv_cache_tokens": 1024, "max_model_len": 2048}},
             "exceeds engine.kv_cache_tokens",
         ),
+        (
+            {"engine": {"kv_dtype": "float16"}},
+            "engine.kv_dtype: Input should be 'float32' or 'int8'",
+        ),
         ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
         (
             {"routing": {"variant_quality": {"q8": "high"}}},

@@ -149,9 +149,15 @@ def ttft_for_spill(prompt_tokens: int) -> float:
 # Processes in this process
 
 
-def start_controller(spec: FleetSpec, db_path: Path, port: int = 0) -> LiveApp:
+def start_controller(spec: FleetSpec, db_path: Path, port: int = 0, **overrides: Any) -> LiveApp:
+    """``overrides`` set ControllerConfig fields (e.g. ``rollout_period_s``)."""
     config = controller_config_from_spec(
-        spec, db_path=db_path, fleet_token=FLEET_TOKEN, admin_token=ADMIN_TOKEN, environ={}
+        spec,
+        db_path=db_path,
+        fleet_token=FLEET_TOKEN,
+        admin_token=ADMIN_TOKEN,
+        environ={},
+        **overrides,
     )
     return LiveApp(controller_app(config), port=port)
 
@@ -163,6 +169,7 @@ def start_agent(
     controller_url: str,
     *,
     max_num_seqs: int = 2,
+    inject_delay_ms: float = 0.0,
 ) -> LiveAgent:
     config = node_config_from_spec(
         spec,
@@ -174,6 +181,7 @@ def start_agent(
             max_model_len=MAX_MODEL_LEN,
             max_num_seqs=max_num_seqs,
             seed=0,
+            inject_delay_ms=inject_delay_ms,
         ),
         controller_url=controller_url,
         fleet_token_env=FLEET_TOKEN_ENV,
