@@ -727,6 +727,20 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
 # Routing and forwarding
 
 
+def _route_request(admitted: _Admitted, **where: Any) -> RouteRequest:
+    """What the router needs to know of an admitted request; ``where`` adds hops, exclusions
+    and versions."""
+    return RouteRequest(
+        model=admitted.model,
+        slo_class=admitted.slo.name,
+        tenant=admitted.tenant.name,
+        prompt_tokens=len(admitted.prompt_ids),
+        max_tokens=admitted.params.max_tokens,
+        request_id=admitted.request_id,
+        **where,
+    )
+
+
 def _route(
     state: AgentState, admitted: _Admitted, exclude: frozenset[str] = frozenset()
 ) -> RouteDecision | None:
@@ -751,13 +765,8 @@ def _route(
         else:
             # Fixed by the request id: a retry after a failed peer keeps the same version.
             version = choose_version(admitted.request_id, directive.ordered_split())
-    request = RouteRequest(
-        model=admitted.model,
-        slo_class=admitted.slo.name,
-        tenant=admitted.tenant.name,
-        prompt_tokens=len(admitted.prompt_ids),
-        max_tokens=admitted.params.max_tokens,
-        request_id=admitted.request_id,
+    request = _route_request(
+        admitted,
         hops=hop.hops if hop is not None else 0,
         exclude=(hop.tried if hop is not None else frozenset()) | exclude,
         version=version,
@@ -1061,19 +1070,7 @@ def _shadow_target(state: AgentState, admitted: _Admitted, candidate: str) -> _P
     view = state.fleet.fleet_view(_live_snapshot(state))
     if view is None:
         return None
-    decision = route(
-        RouteRequest(
-            model=admitted.model,
-            slo_class=admitted.slo.name,
-            tenant=admitted.tenant.name,
-            prompt_tokens=len(admitted.prompt_ids),
-            max_tokens=admitted.params.max_tokens,
-            request_id=admitted.request_id,
-            version=candidate,
-        ),
-        view,
-        state.policy,
-    )
+    decision = route(_route_request(admitted, version=candidate), view, state.policy)
     chosen = decision.chosen
     # Without a candidate instance the router falls back to any: no copy then.
     if chosen is None or chosen.variant != candidate or decision.url is None:
