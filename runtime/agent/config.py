@@ -42,7 +42,14 @@ from pydantic import (
     model_validator,
 )
 
-from runtime.spec import FleetSpec, Name, QualityName, QuotaSpec, SloClassSpec
+from runtime.spec import (
+    FleetSpec,
+    Name,
+    QualityName,
+    QuotaSpec,
+    RoutingStrategy,
+    SloClassSpec,
+)
 
 __all__ = [
     "EngineSettings",
@@ -209,6 +216,10 @@ class RoutingSettings(_Strict):
     instance of another model), so only they and that model's variants are listed.
     """
 
+    strategy: RoutingStrategy = Field(
+        default="cost-aware",
+        description="The spec's routing.strategy: cost-aware, least-loaded or round-robin.",
+    )
     slo_headroom: float = Field(default=0.8, gt=0, le=1)
     prefer_spot: bool = True
     hop_limit: int = Field(default=1, ge=0, le=3)
@@ -625,6 +636,7 @@ def node_config_from_spec(
         "tenants": tenants,
         "slo_classes": list(spec.slo_classes),
         "routing": RoutingSettings(
+            strategy=spec.routing.strategy,
             slo_headroom=spec.routing.slo_headroom,
             prefer_spot=spec.routing.prefer_spot,
             hop_limit=spec.routing.hop_limit,

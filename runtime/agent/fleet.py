@@ -215,6 +215,7 @@ def routing_policy(config: NodeConfig) -> RoutingPolicy:
         # this agent would look stale here for part of every interval.
         stale_after_s=settings.peer_stale_after_s + config.push_interval_s,
         hop_limit=settings.hop_limit,
+        strategy=settings.strategy,
     )
 
 

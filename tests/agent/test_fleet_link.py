@@ -300,7 +300,12 @@ def test_the_policy_from_a_node_config_is_the_specs_own() -> None:
     data = copy.deepcopy(yaml.safe_load(LOCAL_STACK.read_text())["config"][FLEET_CONFIG_KEY])
     data["tenants"][1]["allowed_pools"] = ["local-dear"]
     data["tenants"][1]["min_quality"] = "standard"
-    data["routing"] = {"slo_headroom": 0.7, "hop_limit": 2, "peer_stale_after_s": 4}
+    data["routing"] = {
+        "slo_headroom": 0.7,
+        "hop_limit": 2,
+        "peer_stale_after_s": 4,
+        "strategy": "least-loaded",
+    }
     spec = parse_fleet(data)
     env = {"FLEETFORM_DEMO_KEY": "d", "FLEETFORM_BATCH_KEY": "b"}
     config = node_config_from_spec(spec, "local-cheap", "n1", 0, environ=env)
@@ -314,8 +319,10 @@ def test_the_policy_from_a_node_config_is_the_specs_own() -> None:
         "slo_headroom",
         "prefer_spot",
         "hop_limit",
+        "strategy",
     ):
         assert getattr(mine, name) == getattr(theirs, name), name
+    assert mine.strategy == "least-loaded"  # not the default: the spec's choice reached the agent
     assert mine.tenant_pools["batch-jobs"] == frozenset({"local-dear"})
     # The agent's view lags the controller's by up to one of its push intervals.
     assert mine.stale_after_s == theirs.stale_after_s + config.push_interval_s
