@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from runtime.autoscale import (
     ScalingPlan,
     pools_frozen_by_tenant_budgets,
 )
+from runtime.controller.statefile import write_json_atomically
 from runtime.protocol import ClassCounters
 from runtime.spec import HOURS_PER_MONTH, REPLICAS_CONFIG_KEY, FleetSpec
 
@@ -430,11 +430,7 @@ class AutoscaleLoop:
         if self.state_path is None:
             return
         data = {"requested": self.requested, "autoscaler": self.autoscaler.dump_state()}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".autoscale-")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, self.state_path)
+        write_json_atomically(self.state_path, data)
 
     def _load(self) -> None:
         if self.state_path is None or not self.state_path.exists():

@@ -38,11 +38,8 @@ First sight of an agent process
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -50,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from runtime.controller.statefile import write_json_atomically
 from runtime.protocol import MetricsPush, RolloutDirective, VersionStats
 from runtime.rollout import (
     RolloutAction,
@@ -318,16 +316,7 @@ class RolloutLoop:
         with self._save_lock:
             if data["dump"] <= self._written:
                 return
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".rollouts-")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle)
-                os.replace(tmp, self.state_path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomically(self.state_path, data)
             self._written = data["dump"]
 
     def _load(self) -> None:

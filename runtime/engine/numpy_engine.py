@@ -66,9 +66,8 @@ class _DecodePlan:
     rows: np.ndarray  # row index in the step's token matrix, per decode sequence
     all_rows: bool  # the step is decode only: rows are 0..n-1 and need no gather/scatter
     offsets: np.ndarray  # start of each sequence's segment in the score buffer
-    lengths: np.ndarray  # context length of each sequence
     segment: np.ndarray  # sequence index of every score column
-    scores: np.ndarray  # (kv_heads, group, sum of lengths)
+    scores: np.ndarray  # (kv_heads, group, sum of context lengths)
     peak: np.ndarray  # like scores: each column's segment maximum
     out: np.ndarray | None  # (sequences, kv_heads, group, head_dim) unless all_rows
     # (b, keys^T of one run over all layers, its score segment) for every run
@@ -456,7 +455,6 @@ class NumpyEngine(Engine):
             rows=np.asarray(rows, dtype=np.int64),
             all_rows=all_rows,
             offsets=offsets,
-            lengths=lens,
             segment=np.repeat(np.arange(len(rows)), lens),
             scores=scores,
             peak=np.empty((nkv, group, total), dtype=np.float32),
