@@ -137,6 +137,9 @@ class FleetSignals:
     models: Mapping[str, ModelSignals]
     fleet_usd_per_hour_left: float | None = None  # budget left / hours left in the month
     frozen_pools: Mapping[str, str] = field(default_factory=dict)  # pool -> why it may not grow
+    # model -> the placement (runtime.placement) loading a copy of it on an existing node: its
+    # pools' scale-up waits for that capacity this period.
+    placement: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +381,13 @@ class Autoscaler:
             for name in self.pools
         }
         self._apply_budgets(desired, current, slots, signals, reasons)
+        held: set[str] = set()
+        for name, facts in self.pools.items():
+            relief = signals.placement.get(facts.model)
+            if relief is not None and desired[name] > current[name]:
+                reasons[name].append(f"scale-up {current[name]} -> {desired[name]} held: {relief}")
+                desired[name] = current[name]
+                held.add(name)
         for name, facts in self.pools.items():
             clamped = min(max(desired[name], facts.min_replicas), facts.max_replicas)
             if clamped != desired[name]:
@@ -395,7 +405,9 @@ class Autoscaler:
                 pool=name,
                 current=current[name],
                 desired=desired[name],
-                reasons=tuple(reasons[name]) if desired[name] != current[name] else (),
+                reasons=(
+                    tuple(reasons[name]) if desired[name] != current[name] or name in held else ()
+                ),
             )
             for name in self.pools
         }

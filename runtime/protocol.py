@@ -17,6 +17,9 @@ One push per agent every few seconds::
   a bounded buffer) and nothing is counted twice.
 * The reply carries the fleet view the agent routes with and its quota leases.
 
+Demand-driven placement (``runtime.placement``) adds ``PushReply.placement``, the models this
+agent is to load or unload, left out of the JSON when empty like the rollout parts below.
+
 Model rollouts (``runtime.rollout``) add three optional parts, each left out of the JSON when
 empty, so that a fleet without a rollout exchanges exactly what it did before and agents and
 controllers of either age keep talking to each other:
@@ -38,6 +41,7 @@ re-describes them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, model_validator
@@ -54,8 +58,10 @@ __all__ = [
     "LoadedModel",
     "MetricsPush",
     "PeerInstance",
+    "PlacementOrder",
     "PushReply",
     "RolloutDirective",
+    "ServingLoad",
     "ShadowReport",
     "TenantRecentUse",
     "UsageDelta",
@@ -88,30 +94,13 @@ class ClassCounters(_Wire):
     tpot_met: NonNegativeInt = Field(0, description="Finished with mean TPOT within the class's.")
 
 
-class LoadedModel(_Wire):
-    """A model an agent holds in memory (or is loading or unloading), beyond what
-    ``model``/``variant`` say: a node may hold several (``runtime.agent.models``)."""
+class ServingLoad(_Wire):
+    """How busy one serving engine is and how fast it runs: what the router predicts from.
 
-    name: Name = Field(description="Model name clients send.")
-    variant: Name
-    state: Literal["loading", "ready", "draining"]
-    memory_bytes: NonNegativeInt | None = Field(
-        None, description="Footprint counted against the node's memory budget; None: unknown."
-    )
-    in_flight: NonNegativeInt = 0
+    A node reports it for its primary model (:class:`InstanceSnapshot`) and for each further
+    model it holds (:class:`LoadedModel`), each from that model's own engine.
+    """
 
-
-class InstanceSnapshot(_Wire):
-    """What an agent reports about itself; the fields :class:`InstanceView` routes on."""
-
-    instance_id: Name
-    pool: Name
-    url: str = Field(pattern=r"^https?://", description="Base URL of the agent, without /v1.")
-    model: Name
-    variant: Name
-    price_usd_per_hour: NonNegativeFloat
-    spot: bool = False
-    healthy: bool = Field(True, description="Ready and not draining.")
     prefill_tokens_per_s: float | None = Field(None, gt=0)
     decode_tokens_per_s: float | None = Field(None, gt=0)
     decode_batch: float | None = Field(None, gt=0)
@@ -122,20 +111,77 @@ class InstanceSnapshot(_Wire):
     queued_requests: dict[int, NonNegativeInt] = Field(default_factory=dict)
     queued_prompt_tokens: dict[int, NonNegativeInt] = Field(default_factory=dict)
     kv_usage: float = Field(0.0, ge=0.0, le=1.0)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to start, every priority."""
+        return sum(self.queued_requests.values())
+
+
+class LoadedModel(ServingLoad):
+    """One model a node may hold (``runtime.agent.models``), beyond what ``model``/``variant``
+    say: loaded or not, its memory, and, when ready, its own engine's load."""
+
+    name: Name = Field(description="Model name clients send.")
+    variant: Name
+    state: Literal["unloaded", "loading", "ready", "draining"]
+    memory_bytes: NonNegativeInt | None = Field(
+        None,
+        description="Footprint counted against the node's memory budget (measured at its last "
+        "load, else configured or estimated); None: unknown.",
+    )
+    in_flight: NonNegativeInt = Field(0, description="Requests holding it (running or queued).")
+    waiting: NonNegativeInt = Field(0, description="Requests waiting for it to load.")
+    idle_s: NonNegativeFloat | None = Field(
+        None, description="Seconds since a request last used it; None: never used."
+    )
+    primary: bool = Field(False, description="The node's primary model (never unloaded).")
+
+
+class InstanceSnapshot(ServingLoad):
+    """What an agent reports about itself; the fields :class:`InstanceView` routes on."""
+
+    instance_id: Name
+    pool: Name
+    url: str = Field(pattern=r"^https?://", description="Base URL of the agent, without /v1.")
+    model: Name
+    variant: Name
+    price_usd_per_hour: NonNegativeFloat
+    spot: bool = False
+    healthy: bool = Field(True, description="Ready and not draining.")
     served: dict[str, ClassCounters] = Field(
         default_factory=dict, description="Per SLO class, what this node admitted and served."
     )
     models: list[LoadedModel] = Field(
         default_factory=list,
-        description="On a node holding several models: those loading, ready or draining "
-        "(model/variant above stay the node's primary model, which the router routes on). "
-        "Empty on a single-model node.",
+        description="On a node that may hold several models: every one of them, the primary "
+        "included, with its state (model/variant and the load fields above stay the primary "
+        "model's). Empty on a single-model node.",
+    )
+    memory_budget_bytes: NonNegativeInt | None = Field(
+        None, description="Most memory the node's models may take together; None: no limit."
     )
 
     def to_view(self, last_seen: float, failed_at: float | None = None) -> InstanceView:
+        """The primary model's view (what a single-model node is)."""
         # Excluding last_seen lets a PeerInstance (which carries its own) convert the same way.
-        fields = self.model_dump(exclude={"last_seen", "served", "models"})
+        fields = self.model_dump(exclude={"last_seen", "served", "models", "memory_budget_bytes"})
         return InstanceView(**fields, last_seen=last_seen, failed_at=failed_at)
+
+    def to_views(self, last_seen: float, failed_at: float | None = None) -> list[InstanceView]:
+        """One view per model the node can serve now: the primary, then each further model
+        that is ready, with that model's own load. They share the node's ``instance_id`` (a
+        node holds a model once, and the router only compares instances of one model)."""
+        primary = self.to_view(last_seen, failed_at)
+        views = [primary]
+        for held in self.models:
+            if held.primary or held.state != "ready" or held.name == self.model:
+                continue
+            load = held.model_dump(include=set(ServingLoad.model_fields))
+            views.append(
+                dataclasses.replace(primary, model=held.name, variant=held.variant, **load)
+            )
+        return views
 
 
 class UsageDelta(_Wire):
@@ -299,6 +345,16 @@ class RolloutDirective(_Wire):
         return {self.candidate: self.split[self.candidate], self.stable: self.split[self.stable]}
 
 
+class PlacementOrder(_Wire):
+    """Load or unload one of the models the agent may hold (``runtime.placement``'s decision
+    for this agent). Carried out once, in the background; a model already in the asked state
+    is left as it is. Unloading lets requests in flight finish."""
+
+    action: Literal["load", "unload"]
+    model: Name
+    reason: str = Field("", max_length=500)
+
+
 class PushReply(_Wire):
     """The controller's answer to a push."""
 
@@ -314,4 +370,9 @@ class PushReply(_Wire):
     fleet_over_budget: bool = Field(False, description="The fleet's monthly budget is spent.")
     rollouts: dict[Name, RolloutDirective] = Field(
         default_factory=dict, description="Per model under a rollout: how agents split it."
+    )
+    placement: list[PlacementOrder] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Models this agent is to load or unload (demand-driven placement).",
     )

@@ -314,6 +314,18 @@ class PoolSpec(_Strict):
         default=None, ge=0, description="Defaults to min_replicas."
     )
     serves: ServesSpec
+    may_load: list[ServesSpec] = Field(
+        default_factory=list,
+        description="Other models each node may hold besides `serves` (embedded engine only): "
+        "loaded when a request needs one or when demand-driven placement asks, unloaded when "
+        "idle or when memory_budget_bytes needs the room.",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most memory the models a node holds may take together (weights plus KV "
+        "pool). Unset: no limit.",
+    )
     engine: EngineKind = "embedded"
     upstream: UpstreamSpec | None = None
     cold_start_s: float = Field(
@@ -427,6 +439,29 @@ class ForecastSpec(_Strict):
     season_s: float = Field(default=86_400.0, gt=0)
 
 
+class PlacementSpec(_Strict):
+    """Demand-driven placement (``runtime.placement``): loading a model on nodes that may hold it
+    (a pool's ``may_load``) when its queue grows, and unloading it where it sits idle, before
+    the autoscaler adds nodes."""
+
+    enabled: bool = True
+    queue_per_copy: float = Field(
+        default=4.0,
+        gt=0,
+        description="Waiting requests per ready copy of a model above which one more copy is "
+        "loaded.",
+    )
+    idle_unload_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A model loaded on a node besides its primary one, idle this long, is "
+        "unloaded.",
+    )
+    load_cooldown_s: float = Field(
+        default=30.0, ge=0, description="After a load is asked for a model, before the next one."
+    )
+
+
 class AutoscalingSpec(_Strict):
     enabled: bool = True
     period_s: float = Field(default=15.0, gt=0)
@@ -449,6 +484,7 @@ class AutoscalingSpec(_Strict):
         description="SLO attainment below which a pool with queued work gets a replica more.",
     )
     forecast: ForecastSpec = Field(default_factory=ForecastSpec)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
 
 class BudgetSpec(_Strict):
@@ -826,6 +862,8 @@ def _check_pool(
             f"{ref.instance_type} has no on-demand price in {ref.region}; only spot is offered",
         )
 
+    _check_may_load(pool, path, models, kind, add)
+
     if model is not None and variant is not None:
         if kind not in variant.runs_on:
             add(
@@ -841,6 +879,38 @@ def _check_pool(
                     f"{path}.serves.variant",
                     f"{model.name}/{variant.name} does not fit on {ref.instance_type}: {fit.reason}",
                 )
+
+
+def _check_may_load(
+    pool: PoolSpec, path: str, models: Mapping[str, ModelSpec], kind: str, add: Any
+) -> None:
+    if pool.may_load and pool.engine != "embedded":
+        add(f"{path}.may_load", "only embedded-engine pools hold several models")
+        return
+    seen = {pool.serves.model}
+    for j, ref in enumerate(pool.may_load):
+        where = f"{path}.may_load[{j}]"
+        if ref.model in seen:
+            why = "the pool's own model" if ref.model == pool.serves.model else "listed twice"
+            add(f"{where}.model", f"{ref.model!r} is {why}; a node holds one variant of a model")
+            continue
+        seen.add(ref.model)
+        model = models.get(ref.model)
+        if model is None:
+            add(f"{where}.model", _unknown("model", ref.model, models))
+            continue
+        variants = {v.name: v for v in model.variants}
+        variant = variants.get(ref.variant)
+        if variant is None:
+            add(
+                f"{where}.variant",
+                _unknown(f"variant of model {model.name!r}", ref.variant, variants),
+            )
+        elif kind not in variant.runs_on:
+            add(
+                f"{where}.variant",
+                f"variant {variant.name!r} runs on {', '.join(variant.runs_on)}, not on {kind} pools",
+            )
 
 
 def _check_rollout(

@@ -99,7 +99,13 @@ from runtime.agent.backend import (
 )
 from runtime.agent.config import ModelSlot, NodeConfig, TenantConfig
 from runtime.agent.errors import APIError, make_error_middleware, param_from_validation_error
-from runtime.agent.fleet import FleetLink, RecentUseMeter, instance_snapshot, routing_policy
+from runtime.agent.fleet import (
+    FleetLink,
+    RecentUseMeter,
+    instance_snapshot,
+    routing_policy,
+    serving_load,
+)
 from runtime.agent.forward import (
     SERVED_BY_HEADER,
     VERSION_HEADER,
@@ -125,7 +131,13 @@ from runtime.agent.models import BackendFactory, ModelLease, ModelManager, Model
 from runtime.agent.push import MetricsPusher, pusher_for_node
 from runtime.agent.spot import SpotNotice, SpotWatcher
 from runtime.engine.base import SamplingParams
-from runtime.protocol import InstanceSnapshot, RolloutDirective, ShadowReport
+from runtime.protocol import (
+    InstanceSnapshot,
+    PushReply,
+    RolloutDirective,
+    ServingLoad,
+    ShadowReport,
+)
 from runtime.quota import QuotaBook, QuotaTicket
 from runtime.rollout import choose_version, compare_outputs, shadow_sample
 from runtime.routing import RouteDecision, RouteOutcome, RouteRequest, RoutingPolicy, route
@@ -261,7 +273,7 @@ def init(
             config,
             snapshot=push_snapshot,
             recent_use=state.recent_use.report,
-            on_reply=fleet.apply_reply,
+            on_reply=lambda reply: _apply_reply(state, fleet, reply),
             versions=version_stats,
             environ=environ,
             interval_s=config.push_interval_s,
@@ -371,6 +383,17 @@ async def _fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await state.peer_session.close()
 
 
+def _apply_reply(state: AgentState, fleet: FleetLink, reply: PushReply) -> None:
+    """The controller's reply: the fleet's state, then its placement orders for this node."""
+    fleet.apply_reply(reply)
+    if state.closing or state.draining:
+        return
+    for order in reply.placement:
+        state.models.order(
+            order.action, order.model, reason=order.reason, deadline_s=state.config.drain_timeout_s
+        )
+
+
 def _live_snapshot(state: AgentState) -> InstanceSnapshot:
     backend = state.backend  # the primary model's: the router routes this node on it
     snapshot = instance_snapshot(
@@ -385,7 +408,12 @@ def _live_snapshot(state: AgentState) -> InstanceSnapshot:
     )
     if not state.models.multi:
         return snapshot
-    return snapshot.model_copy(update={"models": state.models.loaded_models()})
+
+    def load_of(backend: ServingBackend) -> ServingLoad:
+        items = backend.work_items()
+        return serving_load(backend.stats(), backend.throughput(), items, backend.max_num_seqs)
+
+    return snapshot.model_copy(update={"models": state.models.loaded_models(load_of)})
 
 
 async def _backend_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -751,8 +779,6 @@ def _route(
         return None
     if hop is not None and hop.shadow:
         return None  # a shadow copy was sent to this very instance: it is served here
-    if admitted.model != state.config.model:
-        return None  # the fleet view knows nodes by their primary model only: serve it here
     view = state.fleet.fleet_view(_live_snapshot(state))
     if view is None:
         return None
@@ -897,7 +923,7 @@ async def _forward_once(
     charged = admitted.ticket.charged_tokens if admitted.ticket is not None else 0
     # Counted before the first await, so that the next request's route already sees it.
     pending = state.fleet.forward_started(
-        peer.instance_id, admitted.slo.priority, len(admitted.prompt_ids)
+        peer.instance_id, admitted.model, admitted.slo.priority, len(admitted.prompt_ids)
     )
     try:
         body = await request.read()  # aiohttp keeps the body read at admission

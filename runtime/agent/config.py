@@ -44,11 +44,13 @@ from pydantic import (
 
 from runtime.spec import (
     FleetSpec,
+    ModelSpec,
     Name,
     QualityName,
     QuotaSpec,
     RoutingStrategy,
     SloClassSpec,
+    VariantSpec,
 )
 
 __all__ = [
@@ -212,8 +214,9 @@ class RoutingSettings(_Strict):
     """What the agent's router needs beyond its own node: the spec's routing policy and the
     facts about the fleet it routes among (see :func:`runtime.agent.fleet.routing_policy`).
 
-    Only the pools serving this node's model matter (the router never sends a request to an
-    instance of another model), so only they and that model's variants are listed.
+    Only the pools whose nodes may serve one of this node's models matter (the router never
+    sends a request to an instance of another model), so only they and those models' variants
+    are listed.
     """
 
     strategy: RoutingStrategy = Field(
@@ -226,13 +229,18 @@ class RoutingSettings(_Strict):
     peer_stale_after_s: float = Field(default=15.0, gt=0)
     pools: list[Name] = Field(
         default_factory=list,
-        description="Pools of the fleet serving this node's model (this node's own is implied); "
-        "peers of other pools are never chosen.",
+        description="Pools of the fleet whose nodes serve or may load one of this node's models "
+        "(this node's own is implied); peers of other pools are never chosen.",
     )
     variant_quality: dict[Name, QualityName] = Field(
         default_factory=dict,
         description="Quality of each variant of this node's model; empty: only this node's "
         "variant is known, as 'standard'.",
+    )
+    other_models: dict[Name, dict[Name, QualityName]] = Field(
+        default_factory=dict,
+        description="For each further model this node may hold (``models``): the quality of "
+        "each of its variants; a slot's own variant defaults to 'standard'.",
     )
     forward_connect_timeout_s: float = Field(
         default=2.0, gt=0, description="Connecting to a peer; past it the peer counts as failed."
@@ -538,6 +546,19 @@ def _upstream_tokenizer_path(pool: str, source: str | None) -> str | None:
     return source if source.lower().endswith(".gguf") else None
 
 
+def _embedded_engine(model: ModelSpec, variant: VariantSpec) -> EngineSettings:
+    """The embedded engine's settings for a model variant of the spec."""
+    model_path = None
+    if variant.source and not variant.source.startswith(BUILTIN_SOURCE_PREFIX):
+        model_path = variant.source
+    kv_tokens = EngineSettings.model_fields["kv_cache_tokens"].default
+    return EngineSettings(
+        model_path=model_path,
+        kv_cache_tokens=kv_tokens,
+        max_model_len=min(model.context_length, kv_tokens),
+    )
+
+
 def node_config_from_spec(
     spec: FleetSpec,
     pool_name: str,
@@ -596,15 +617,18 @@ def node_config_from_spec(
         except ValidationError as error:
             raise NodeConfigError(_one_line(error, f"pool {pool.name!r}: upstream")) from None
     elif engine is None:
-        model_path = None
-        if variant.source and not variant.source.startswith(BUILTIN_SOURCE_PREFIX):
-            model_path = variant.source
-        kv_tokens = EngineSettings.model_fields["kv_cache_tokens"].default
-        engine = EngineSettings(
-            model_path=model_path,
-            kv_cache_tokens=kv_tokens,
-            max_model_len=min(model.context_length, kv_tokens),
+        engine = _embedded_engine(model, variant)
+    slots = [
+        ModelSlot(
+            name=ref.model,
+            variant=ref.variant,
+            engine=_embedded_engine(
+                spec.model(ref.model), spec.model(ref.model).variant(ref.variant)
+            ),
         )
+        for ref in pool.may_load
+    ]
+    node_models = {model.name, *(ref.model for ref in pool.may_load)}
 
     tenants = []
     for tenant in spec.tenants:
@@ -641,9 +665,19 @@ def node_config_from_spec(
             prefer_spot=spec.routing.prefer_spot,
             hop_limit=spec.routing.hop_limit,
             peer_stale_after_s=spec.routing.peer_stale_after_s,
-            pools=[p.name for p in spec.pools if p.serves.model == model.name],
+            pools=[
+                p.name
+                for p in spec.pools
+                if node_models & {p.serves.model, *(ref.model for ref in p.may_load)}
+            ],
             variant_quality={v.name: v.quality for v in model.variants},
+            other_models={
+                ref.model: {v.name: v.quality for v in spec.model(ref.model).variants}
+                for ref in pool.may_load
+            },
         ),
+        "models": slots,
+        "memory_budget_bytes": pool.memory_budget_bytes,
     }
     data.update(overrides)
     try:

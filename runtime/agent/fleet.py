@@ -63,6 +63,7 @@ from runtime.protocol import (
     InstanceSnapshot,
     PushReply,
     RolloutDirective,
+    ServingLoad,
     TenantRecentUse,
 )
 from runtime.quota import QuotaBook, QuotaLease, QuotaLimitName
@@ -75,6 +76,7 @@ __all__ = [
     "budget_limit",
     "instance_snapshot",
     "routing_policy",
+    "serving_load",
 ]
 
 Clock = Callable[[], float]
@@ -96,7 +98,32 @@ def instance_snapshot(
     max_batch: int,
     served: ServedTally | None = None,
 ) -> InstanceSnapshot:
-    """This node as the router sees it, from the backend's live state.
+    """This node as the router sees it, from the primary model's backend's live state."""
+    return InstanceSnapshot(
+        instance_id=config.node_id,
+        pool=config.pool,
+        url=url,
+        model=config.model,
+        variant=config.variant,
+        price_usd_per_hour=config.price_usd_per_hour,
+        spot=config.spot,
+        healthy=healthy,
+        served={
+            name: ClassCounters(**dataclasses.asdict(tally))
+            for name, tally in (served.classes.items() if served else ())
+        },
+        memory_budget_bytes=config.memory_budget_bytes,
+        **serving_load(stats, throughput, items, max_batch).model_dump(),
+    )
+
+
+def serving_load(
+    stats: BackendStats,
+    throughput: ThroughputEstimate,
+    items: Sequence[WorkItem],
+    max_batch: int,
+) -> ServingLoad:
+    """One engine's load and speed, from its backend's live state.
 
     Queues come from the unfinished work items: those not yet scheduled are queued (by
     priority, with their prompt tokens); the others are running, with the prompt tokens they
@@ -111,15 +138,7 @@ def instance_snapshot(
     decode_tokens_per_s = None
     if throughput.decode_step_s and throughput.decode_batch:
         decode_tokens_per_s = throughput.decode_batch / throughput.decode_step_s
-    return InstanceSnapshot(
-        instance_id=config.node_id,
-        pool=config.pool,
-        url=url,
-        model=config.model,
-        variant=config.variant,
-        price_usd_per_hour=config.price_usd_per_hour,
-        spot=config.spot,
-        healthy=healthy,
+    return ServingLoad(
         prefill_tokens_per_s=throughput.prefill_tokens_per_s or None,
         decode_tokens_per_s=decode_tokens_per_s,
         decode_batch=throughput.decode_batch or None,
@@ -130,10 +149,6 @@ def instance_snapshot(
         queued_requests=dict(queued_requests),
         queued_prompt_tokens=dict(queued_prompt_tokens),
         kv_usage=min(1.0, max(0.0, stats.kv_usage or 0.0)),
-        served={
-            name: ClassCounters(**dataclasses.asdict(tally))
-            for name, tally in (served.classes.items() if served else ())
-        },
     )
 
 
@@ -195,7 +210,8 @@ class RecentUseMeter:
 
 def routing_policy(config: NodeConfig) -> RoutingPolicy:
     """The :class:`RoutingPolicy` that ``RoutingPolicy.from_spec`` gives for this node's spec,
-    restricted to the pools serving this node's model (all the router may choose among), with
+    restricted to the pools that may serve this node's models (all the router may choose
+    among), with
     staleness judged as the module docstring says."""
     settings = config.routing
     pools = {config.pool, *settings.pools}
@@ -207,7 +223,17 @@ def routing_policy(config: NodeConfig) -> RoutingPolicy:
         tenant_pools={
             t.name: frozenset(p for p in pools if t.may_use_pool(p)) for t in config.tenants
         },
-        variant_quality={(config.model, v): Quality[q] for v, q in qualities.items()},
+        variant_quality={
+            **{(config.model, v): Quality[q] for v, q in qualities.items()},
+            **{
+                (slot.name, variant): Quality[quality]
+                for slot in config.models
+                for variant, quality in {
+                    slot.variant: "standard",
+                    **settings.other_models.get(slot.name, {}),
+                }.items()
+            },
+        },
         slo_headroom=settings.slo_headroom,
         prefer_spot=settings.prefer_spot,
         # The agent sees a peer's last push through its own last reply, up to one push interval
@@ -235,6 +261,7 @@ def budget_limit(tenant: TenantConfig) -> QuotaLimitName:
 @dataclass(frozen=True)
 class _PendingForward:
     instance_id: str
+    model: str
     priority: int
     prompt_tokens: int
     sent_at: float  # estimated controller time
@@ -349,13 +376,14 @@ class FleetLink:
         pending: dict[str, list[_PendingForward]] = {}
         for forward in self._pending.values():
             pending.setdefault(forward.instance_id, []).append(forward)
-        instances = [local.to_view(last_seen=now)]
+        instances = local.to_views(last_seen=now)
         for peer in self.reply.fleet:
             if peer.instance_id == local.instance_id:
                 continue
-            view = peer.to_view(peer.last_seen, self._failed_at.get(peer.instance_id))
             unseen = [f for f in pending.get(peer.instance_id, ()) if f.sent_at > peer.last_seen]
-            instances.append(_with_queued(view, unseen) if unseen else view)
+            for view in peer.to_views(peer.last_seen, self._failed_at.get(peer.instance_id)):
+                mine = [f for f in unseen if f.model == view.model]
+                instances.append(_with_queued(view, mine) if mine else view)
         return FleetView(tuple(instances), now=now, local_instance_id=local.instance_id)
 
     def mark_failed(self, instance_id: str) -> None:
@@ -363,12 +391,15 @@ class FleetLink:
         if self.reply is not None:
             self._failed_at[instance_id] = self.controller_time()
 
-    def forward_started(self, instance_id: str, priority: int, prompt_tokens: int) -> int:
-        """Count a forward against the peer's queue until :meth:`forward_finished`."""
+    def forward_started(
+        self, instance_id: str, model: str, priority: int, prompt_tokens: int
+    ) -> int:
+        """Count a forward against the peer's queue for ``model`` until
+        :meth:`forward_finished`."""
         key = self._next_pending
         self._next_pending += 1
         sent_at = self.controller_time() if self.reply is not None else -math.inf
-        self._pending[key] = _PendingForward(instance_id, priority, prompt_tokens, sent_at)
+        self._pending[key] = _PendingForward(instance_id, model, priority, prompt_tokens, sent_at)
         return key
 
     def forward_finished(self, key: int) -> None:

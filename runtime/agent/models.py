@@ -62,7 +62,7 @@ from runtime.agent.backend import (
 from runtime.agent.config import EngineSettings, ModelSlot, UpstreamEngineSettings
 from runtime.agent.metrics import AgentMetrics
 from runtime.engine.memory import process_rss_bytes, release_memory
-from runtime.protocol import LoadedModel
+from runtime.protocol import LoadedModel, ServingLoad
 
 __all__ = [
     "EvictionPlan",
@@ -511,6 +511,30 @@ class ModelManager:
                     # The app may outlive its server (tests, the simulator): free the engines.
                     discard()
         await asyncio.get_running_loop().run_in_executor(None, release_memory)
+
+    def order(
+        self, action: Literal["load", "unload"], name: str, *, reason: str, deadline_s: float
+    ) -> asyncio.Task[None] | None:
+        """Carry out the controller's placement order in the background (an unload lets
+        requests in flight finish until ``deadline_s``). None, with a warning, when ``name``
+        is not a model this node may load and unload (unknown, or its primary)."""
+        slot = self._slots.get(name)
+        if slot is None or slot.primary:
+            why = "not a model of this node" if slot is None else "the node's primary model"
+            log.warning("placement order to %s %r ignored: %s", action, name, why)
+            return None
+        log.info("placement: %s %s (%s)", action, name, reason)
+
+        async def carry_out() -> None:
+            try:
+                if action == "load":
+                    await self.load(name)
+                else:
+                    await self.unload(name, deadline_s)
+            except ModelUnavailable as error:
+                log.warning("placement order to %s %s failed: %s", action, name, error.message)
+
+        return self._spawn(carry_out())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -980,14 +1004,19 @@ class ModelManager:
             models=[self._status(s) for s in self._slots.values()],
         )
 
-    def loaded_models(self) -> list[LoadedModel]:
-        """The models holding memory, for the metrics push."""
+    def loaded_models(
+        self, load_of: Callable[[ServingBackend], ServingLoad] | None = None
+    ) -> list[LoadedModel]:
+        """Every slot for the metrics push: state, memory, use, and (via ``load_of``) the load
+        of each ready model's engine, which the fleet routes that model on."""
         out = []
+        now = self._clock()
         for slot in self._slots.values():
             self._settle(slot)
-            if slot.state is SlotState.UNLOADED:
-                continue
             memory, source = slot.footprint()
+            load: dict[str, Any] = {}
+            if load_of is not None and slot.state is SlotState.READY and slot.backend is not None:
+                load = load_of(slot.backend).model_dump()
             out.append(
                 LoadedModel(
                     name=slot.name,
@@ -995,6 +1024,10 @@ class ModelManager:
                     state=slot.state.value,  # type: ignore[arg-type]
                     memory_bytes=memory if source is not None else None,
                     in_flight=slot.in_flight,
+                    waiting=slot.waiting,
+                    idle_s=max(0.0, now - slot.last_used) if slot.last_used > -math.inf else None,
+                    primary=slot.primary,
+                    **load,
                 )
             )
         return out

@@ -19,6 +19,11 @@ This module owns the controller's HTTP surface and the wiring of its parts:
     The newest scaling plan (desired replicas per pool with reasons), what the applier did
     with it, and the replicas currently requested; ``fleetform up`` polls it to start and
     drain local agents.
+``GET /v1/placement`` (admin token)
+    Demand-driven placement (:mod:`runtime.controller.placement`): the latest plan (per model
+    its ready and loading copies and what waits for them; loads and unloads with reasons; what
+    it relieves the autoscaler of), orders not yet delivered, and recent plans. Orders reach
+    agents in their push replies.
 ``GET /v1/rollouts`` (admin token)
     Every model rollout of the spec (:mod:`runtime.controller.rollouts`): phase, split, the
     figures the latest decision judged, shadow statistics, the decisions that changed
@@ -75,6 +80,7 @@ from runtime.controller.ledger import (
     UsageTotals,
     month_bounds,
 )
+from runtime.controller.placement import PlacementLoop
 from runtime.controller.rollouts import RolloutLoop
 from runtime.protocol import PUSH_PATH, ClassCounters, LeaseGrant, MetricsPush, PushReply
 
@@ -134,6 +140,7 @@ class ControllerState:
     ledger: Ledger | None = None
     autoscale: AutoscaleLoop | None = None  # None: autoscaling disabled in the spec
     rollouts: RolloutLoop | None = None  # None: no model of the spec has a rollout
+    placement: PlacementLoop | None = None  # None: no pool may load further models
 
     async def db(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run a ledger call on the ledger's thread."""
@@ -190,6 +197,11 @@ def init(
             applier=applier or PublishOnly(),
             state_path=config.db_path.with_name(config.db_path.name + ".autoscale.json"),
         )
+    if config.spec.autoscaling.placement.enabled and any(p.may_load for p in config.spec.pools):
+        state.placement = PlacementLoop(
+            config.spec,
+            state_path=config.db_path.with_name(config.db_path.name + ".placement.json"),
+        )
     if any(model.rollout is not None for model in config.spec.models):
         state.rollouts = RolloutLoop(
             config.spec,
@@ -208,6 +220,7 @@ def init(
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/v1/autoscale", autoscale_status)
     app.router.add_get("/v1/rollouts", rollouts_status)
+    app.router.add_get("/v1/placement", placement_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     from runtime.controller.dashboard import add_dashboard_routes  # imports this module
@@ -275,22 +288,35 @@ async def _sweep_forever(state: ControllerState) -> None:
 
 async def _autoscale_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[CONTROLLER]
-    if state.autoscale is None:
+    if state.autoscale is None and state.placement is None:
         yield
         return
-    task = asyncio.get_running_loop().create_task(_autoscale_forever(state, state.autoscale))
+    task = asyncio.get_running_loop().create_task(_autoscale_forever(state))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
 
-async def _autoscale_forever(state: ControllerState, loop: AutoscaleLoop) -> None:
-    """Every period: read the month's spend, plan, apply (in a worker thread: the Pulumi
-    applier blocks for minutes), record the plan in the ledger."""
+async def _autoscale_forever(state: ControllerState) -> None:
+    """Every period: placement first (loading models on nodes that have the memory), then the
+    autoscaler, which holds scale-up for what placement relieves: read the month's spend, plan,
+    apply (in a worker thread: the Pulumi applier blocks for minutes), record the plan in the
+    ledger."""
     period = state.config.spec.autoscaling.period_s
     while True:
         await asyncio.sleep(period)
+        relieving: dict[str, str] = {}
+        if state.placement is not None:
+            try:
+                now = state.clock()
+                state.placement.step(now, state.fleet.fresh_agents(now))
+                relieving = state.placement.relieving()
+            except Exception:
+                log.exception("placement period failed")
+        loop = state.autoscale
+        if loop is None:
+            continue
         try:
             now = state.clock()
             ledger = state.require_ledger()
@@ -301,7 +327,12 @@ async def _autoscale_forever(state: ControllerState, loop: AutoscaleLoop) -> Non
             plan, outcome = await asyncio.get_running_loop().run_in_executor(
                 None,
                 functools.partial(
-                    loop.step, now, agents, month_usd=fleet_usd, over_budget_tenants=tenants
+                    loop.step,
+                    now,
+                    agents,
+                    month_usd=fleet_usd,
+                    over_budget_tenants=tenants,
+                    placement=relieving,
                 ),
             )
             slo = dict(loop.collector.class_deltas)
@@ -484,10 +515,12 @@ async def push(request: web.Request) -> web.Response:
         over_budget_tenants=over,
         fleet_over_budget=fleet_over,
         rollouts=state.rollouts.directives() if state.rollouts is not None else {},
+        placement=state.placement.take_orders(body.agent_id) if state.placement else [],
     )
-    # Without a rollout the reply is what it was before rollouts existed, so agents that
-    # predate them (which refuse unknown fields) keep working.
-    text = reply.model_dump_json(exclude=None if reply.rollouts else {"rollouts"})
+    # Without a rollout or a placement order the reply is what it was before they existed, so
+    # agents that predate them (which refuse unknown fields) keep working.
+    empty = {name for name in ("rollouts", "placement") if not getattr(reply, name)}
+    text = reply.model_dump_json(exclude=empty or None)
     return web.json_response(text=text)
 
 
@@ -714,6 +747,16 @@ async def autoscale_status(request: web.Request) -> web.Response:
     if state.autoscale is None:
         return web.json_response({"enabled": False})
     return web.json_response({"enabled": True, **state.autoscale.latest()})
+
+
+async def placement_status(request: web.Request) -> web.Response:
+    """Demand-driven placement: the latest plan, orders not yet delivered, recent plans."""
+    state = request.app[CONTROLLER]
+    if not _matches(_presented_digest(request), state.admin_token_sha256):
+        raise _unauthorized("admin token")
+    if state.placement is None:
+        return web.json_response({"enabled": False, "latest": None, "recent": []})
+    return web.json_response(state.placement.status())
 
 
 async def rollouts_status(request: web.Request) -> web.Response:

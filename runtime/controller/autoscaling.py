@@ -20,6 +20,7 @@ The local applier (agent processes on this machine) lives with the processes it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -382,7 +383,10 @@ class AutoscaleLoop:
         *,
         month_usd: float = 0.0,
         over_budget_tenants: Iterable[str] = (),
+        placement: Mapping[str, str] | None = None,
     ) -> tuple[ScalingPlan, AppliedPlan]:
+        """One period. ``placement`` names the models a placement is loading a copy of
+        (:meth:`runtime.controller.placement.PlacementLoop.relieving`)."""
         signals = self.collector.collect(
             now,
             agents,
@@ -390,6 +394,8 @@ class AutoscaleLoop:
             fleet_usd_per_hour_left=budget_left_per_hour(self.spec, month_usd, now),
             frozen_pools=pools_frozen_by_tenant_budgets(self.spec, over_budget_tenants),
         )
+        if placement:
+            signals = dataclasses.replace(signals, placement=dict(placement))
         plan = self.autoscaler.plan(signals)
         outcome = self.applier.apply(plan)
         if outcome.applied:

@@ -8,7 +8,10 @@ This module owns, on the controller application (:func:`add_dashboard_routes`):
     and desired replicas per pool, queue depth per pool, the autoscaler's recent decisions
     with their reasons and outcome, and the model rollouts (current split, phase, shadow
     agreement, and the rollout decisions that changed something, with their reasons; live
-    state from :class:`runtime.controller.rollouts.RolloutLoop`, not a window of the ledger). The charts are SVG drawn here with matplotlib and inlined:
+    state from :class:`runtime.controller.rollouts.RolloutLoop`, not a window of the ledger),
+    and demand-driven placement (copies per model, what waits for them, whether the autoscaler
+    is held, and the loads and unloads ordered; live state from
+    :class:`runtime.controller.placement.PlacementLoop`). The charts are SVG drawn here with matplotlib and inlined:
     the page loads nothing else, runs no script (its Content-Security-Policy forbids both) and
     so works with no network.
 ``GET /dashboard/data.json`` (admin)
@@ -333,7 +336,26 @@ async def _figures(request: web.Request, window: Window) -> dict[str, Any]:
         build_figures, window, now, hourly, pools, slo, decisions
     )
     figures["rollouts"] = rollout_figures(state)
+    figures["placement"] = placement_figures(state)
     return figures
+
+
+def placement_figures(state: ControllerState) -> dict[str, Any]:
+    """Demand-driven placement as the page shows it: the latest plan's demand per model and
+    the loads and unloads ordered, newest first."""
+    if state.placement is None:
+        return {"enabled": False, "latest": None, "actions": [], "notes": []}
+    status = state.placement.status()
+    actions = [
+        {**action, "at": plan["at"]} for plan in status["recent"] for action in plan["actions"]
+    ][:DECISIONS_SHOWN]
+    latest = status["latest"]
+    return {
+        "enabled": True,
+        "latest": latest,
+        "actions": actions,
+        "notes": latest["notes"] if latest else [],
+    }
 
 
 def rollout_figures(state: ControllerState) -> dict[str, Any]:

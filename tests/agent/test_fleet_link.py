@@ -206,7 +206,7 @@ def test_the_view_holds_the_live_local_entry_failed_peers_and_forwards_in_flight
         assert view is not None
         return next(i for i in view.instances if i.instance_id == "p1")
 
-    key = fleet.forward_started("p1", priority=1, prompt_tokens=40)
+    key = fleet.forward_started("p1", "smollm2-135m", priority=1, prompt_tokens=40)
     p1 = p1_in_view()
     assert (p1.queued_requests, p1.queued_prompt_tokens) == ({1: 1}, {1: 40})
     fleet.forward_finished(key)
@@ -236,7 +236,9 @@ def test_forwards_already_in_a_peers_push_are_not_counted_twice() -> None:
     fleet, _ = link(clock, config)
     fleet.push_built()
     fleet.apply_reply(reply(fleet=[peer("p1", SERVER_T0)]))
-    fleet.forward_started("p1", priority=1, prompt_tokens=40)  # sent after p1's last push
+    fleet.forward_started(
+        "p1", "smollm2-135m", priority=1, prompt_tokens=40
+    )  # sent after p1's last push
     clock.now += 1.0
     fleet.push_built()
     # p1 pushed again after the forward arrived: its own queue now shows the request.

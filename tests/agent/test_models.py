@@ -514,16 +514,17 @@ class TestOnDemand:
         assert models[MODEL_B]["loads"] == loads_before + 1
         assert models[MODEL]["state"] == "ready"  # no budget: nothing was evicted
 
-        # What the node pushes: still its primary model, plus the models it holds.
+        # What the node pushes: still its primary model, plus every model it may hold.
         snapshot = agent.on_loop(lambda: _live_snapshot(agent.state))
         assert (snapshot.model, snapshot.healthy) == (MODEL, True)
-        assert {(m.name, m.state) for m in snapshot.models} == {
-            (MODEL, "ready"),
-            (MODEL_B, "ready"),
-        }
+        held = {(m.name, m.state) for m in snapshot.models if m.state != "unloaded"}
+        assert held == {(MODEL, "ready"), (MODEL_B, "ready")}
+        assert {m.name for m in snapshot.models} == set(models)
         push = MetricsPush(agent_id="n", boot_id="b", seq=0, sent_at=0.0, instance=snapshot)
         assert MetricsPush.model_validate_json(push.model_dump_json()) == push
         assert snapshot.to_view(last_seen=0.0).model == MODEL
+        # The fleet routes both ready models to this node.
+        assert [v.model for v in snapshot.to_views(last_seen=0.0)] == [MODEL, MODEL_B]
 
     def test_unload_waits_for_in_flight_requests_then_frees_the_memory(
         self, roomy: tuple[LiveAgent, Gates]
