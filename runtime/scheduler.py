@@ -8,6 +8,18 @@ mirrors the shape of vLLM's v1 scheduler (``vllm/v1/core/sched``) at a fraction 
   arrival)`` while the token budget (``max_num_batched_tokens``), the batch size (``max_num_seqs``)
   and KV capacity allow. Prompts longer than the remaining budget are chunked, so a long prompt
   shares steps with running decodes instead of stalling them.
+* With a :class:`StepCost` (an estimate of how long a step takes), the prefill admitted into a
+  step is also bounded by time: every decoding sequence with a ``tpot`` objective has a
+  deadline for its next token (its first token's time plus ``tpot`` per token since, i.e. the
+  stream's mean time per output token stays within ``tpot``), and prefill chunks are cut so
+  that the step ends by the earliest such deadline among the decodes at least as important as
+  the prompt (Sarathi-Serve's stall-free batching with a token budget taken from the TPOT
+  objective, per step, from each stream's slack). Streams that can no longer meet their
+  objective even decoding alone until ``max_tokens`` do not hold prefill back, and every step
+  still takes ``min_prefill_tokens`` of prefill so that waiting prompts always progress. With a
+  step cost, a waiting request that cannot have its first token by its ``deadline`` even
+  prefilling alone from now gives up its deadline: it queues behind the requests of its
+  priority that can still make theirs.
 * KV space is reserved through the small :class:`KVCapacity` protocol. When a reservation fails, the
   least important running sequence (highest ``priority`` number, then latest admitted) is
   preempted: its KV is released and it goes back to waiting, to be resumed later by recomputing
@@ -45,6 +57,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
+    "StepCost",
     "admission_order",
 ]
 
@@ -75,6 +88,20 @@ class KVCapacity(Protocol):
 
     def release(self, seq_id: str) -> None:
         """Free everything ``seq_id`` holds. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class StepCost(Protocol):
+    """An estimate of an engine step's duration, in seconds, as the sum of its parts."""
+
+    def decode_s(self, num_decodes: int, context_tokens: int) -> float:
+        """The part of a step in which ``num_decodes`` sequences, whose contexts sum to
+        ``context_tokens``, each sample one token."""
+        ...
+
+    def prefill_s(self, start: int, end: int) -> float:
+        """The part of a step that computes positions ``[start, end)`` of one sequence."""
         ...
 
 
@@ -148,7 +175,10 @@ class Request:
     time on the scheduler's clock by which the caller wants it done (from its SLO), or ``None``.
     ``stop_token_ids``: sampled ids that finish the request (empty to ignore EOS). ``payload`` is
     carried untouched into :class:`ScheduledSeq` (e.g. the engine's ``SamplingParams``).
-    ``arrival_time`` defaults to the clock at :meth:`Scheduler.add_request`.
+    ``arrival_time`` defaults to the clock at :meth:`Scheduler.add_request`. ``tpot``: the
+    caller's time-per-output-token objective in seconds (from its SLO), or ``None``; it bounds
+    the prefill scheduled beside this stream's decodes when the scheduler has a
+    :class:`StepCost`.
     """
 
     request_id: str
@@ -159,6 +189,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     payload: Any = None
     arrival_time: float | None = None
+    tpot: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,14 +243,24 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits per step. ``max_model_len`` bounds prompt + output of any request."""
+    """Limits per step. ``max_model_len`` bounds prompt + output of any request.
+
+    ``min_prefill_tokens``: with a :class:`StepCost`, the prefill a step takes even when the
+    decodes' TPOT deadlines leave no time for it (without a step cost it has no effect).
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
+    min_prefill_tokens: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "min_prefill_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1 (got {value!r})")
@@ -238,6 +279,7 @@ class _Seq:
     __slots__ = (
         "admit_no",
         "arrival_no",
+        "first_token_at",
         "key",
         "num_computed",
         "num_preemptions",
@@ -256,6 +298,7 @@ class _Seq:
         self.num_computed = 0
         self.admit_no = -1
         self.num_preemptions = 0
+        self.first_token_at: float | None = None  # on the scheduler's clock
 
     @property
     def num_tokens(self) -> int:
@@ -278,7 +321,8 @@ class Scheduler:
     """Continuous-batching scheduler over a :class:`KVCapacity`.
 
     ``add_request`` and ``abort`` are thread-safe (they enqueue); ``schedule``, ``update`` and
-    ``finish_request`` must be called from one driver thread.
+    ``finish_request`` must be called from one driver thread. ``step_cost``: how long a step
+    takes, to keep decodes within their ``tpot`` objectives (``None``: token budget only).
     """
 
     def __init__(
@@ -286,6 +330,7 @@ class Scheduler:
         config: SchedulerConfig,
         kv: KVCapacity,
         clock: Callable[[], float],
+        step_cost: StepCost | None = None,
     ) -> None:
         if kv.capacity_tokens < config.max_model_len:
             raise ValueError(
@@ -295,6 +340,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.clock = clock
+        self.step_cost = step_cost
         self._lock = threading.Lock()
         self._inbox: list[_Seq] = []
         self._abort_inbox: list[str] = []
@@ -392,12 +438,21 @@ class Scheduler:
         # chunks, so a long prompt — even an important one — cannot starve running streams.
         decodes = [s for s in self._running if s.num_tokens - s.num_computed == 1]
         prefills = [s for s in self._running if s.num_tokens - s.num_computed > 1]
-        for seq in decodes + prefills:
+        timing: _StepTiming | None = None
+        for i, seq in enumerate(decodes + prefills):
+            if i == len(decodes) and self.step_cost is not None:
+                timing = self._step_timing(
+                    [s for s in decodes if planned.get(s.req.request_id) == 1]
+                )
             if seq.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if budget <= 0:
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if timing is not None and i >= len(decodes):
+                n = timing.chunk(seq, n)
+                if n == 0:
+                    continue
             while not self.kv.reserve(seq.req.request_id, seq.num_computed + n):
                 victim = self._running[-1]  # list is sorted: last = least important
                 preempt(victim)
@@ -406,6 +461,10 @@ class Scheduler:
             else:
                 planned[seq.req.request_id] = n
                 budget -= n
+                if timing is not None and i >= len(decodes):
+                    timing.take(seq, n)
+        if timing is None and self.step_cost is not None:
+            timing = self._step_timing([s for s in decodes if planned.get(s.req.request_id) == 1])
 
         # 2) Admit waiting requests in (priority, deadline, arrival) order. If running sequences
         # had to be preempted the pool is full, so admitting more would only thrash (as in vLLM).
@@ -420,7 +479,14 @@ class Scheduler:
             if seq.status is not RequestStatus.WAITING:  # aborted (lazy deletion)
                 heapq.heappop(self._waiting)
                 continue
+            if self.step_cost is not None and self._missed_deadline(seq):
+                heapq.heapreplace(self._waiting, (seq.key, seq))
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if timing is not None:
+                n = timing.chunk(seq, n)
+                if n == 0:
+                    break  # what waits behind it is no more important: no time for it either
             if not self.kv.reserve(seq.req.request_id, seq.num_computed + n):
                 victim = self._running[-1] if self._running else None
                 if victim is not None and victim.req.priority > seq.req.priority:
@@ -433,6 +499,8 @@ class Scheduler:
             self._insert_running(seq)
             planned[seq.req.request_id] = n
             budget -= n
+            if timing is not None:
+                timing.take(seq, n)
 
         for request_id, n in planned.items():
             seq = self._seqs[request_id]
@@ -466,6 +534,8 @@ class Scheduler:
                     f"sampled: engine returned no token for {item.request_id!r}"
                 ) from None
             seq.output.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = self.clock()
             reason: FinishReason | None = None
             if token in seq.req.stop_token_ids:
                 reason = FinishReason.STOP
@@ -490,6 +560,41 @@ class Scheduler:
         return self._update(seq, [], reason)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _missed_deadline(self, seq: _Seq) -> bool:
+        """Whether ``seq``, waiting for its first token, can no longer have it by its deadline
+        even prefilling alone from now; if so it gives up its deadline (``key``), so that it
+        queues behind the requests of its priority that can still make theirs."""
+        deadline = seq.req.deadline
+        if deadline is None or seq.output or seq.key[1] == math.inf:
+            return False
+        assert self.step_cost is not None
+        if self.clock() + self.step_cost.prefill_s(seq.num_computed, seq.num_tokens) <= deadline:
+            return False
+        seq.key = (seq.key[0], math.inf, *seq.key[2:])
+        return True
+
+    def _step_timing(self, decodes: list[_Seq]) -> _StepTiming:
+        """The time this step's prefill may take beside ``decodes`` (see the module docstring)."""
+        cost = self.step_cost
+        assert cost is not None
+        now = self.clock()
+        decode_s = (
+            cost.decode_s(len(decodes), sum(seq.num_tokens for seq in decodes)) if decodes else 0.0
+        )
+        latest: dict[int, float] = {}  # priority -> the step must end by then (its decodes)
+        for seq in decodes:
+            tpot, first = seq.req.tpot, seq.first_token_at
+            if tpot is None or first is None:
+                continue
+            k = len(seq.output)  # this step samples the stream's token k (the first is token 0)
+            # Lost already: even decoding alone to max_tokens, its mean stays above objective.
+            if now + (seq.req.max_tokens - k) * decode_s > first + (seq.req.max_tokens - 1) * tpot:
+                continue
+            due = first + k * tpot
+            p = seq.req.priority
+            latest[p] = min(latest.get(p, math.inf), due)
+        return _StepTiming(cost, now + decode_s, latest, self.config.min_prefill_tokens)
 
     def _update(self, seq: _Seq, new: list[int], reason: FinishReason | None) -> RequestUpdate:
         return RequestUpdate(
@@ -525,3 +630,44 @@ class Scheduler:
         if was_running:
             out.released.append(request_id)
         out.finished.append(self._update(seq, [], FinishReason.ABORT))
+
+
+class _StepTiming:
+    """The clock of one step being planned: when it ends so far, and by when it must end for
+    the decodes of each priority (a prompt's chunk answers to decodes at least as important)."""
+
+    __slots__ = ("cost", "ends", "latest", "min_tokens", "prefill_tokens")
+
+    def __init__(
+        self, cost: StepCost, ends: float, latest: dict[int, float], min_tokens: int
+    ) -> None:
+        self.cost = cost
+        self.ends = ends
+        self.latest = latest
+        self.min_tokens = min_tokens
+        self.prefill_tokens = 0
+
+    def chunk(self, seq: _Seq, n: int) -> int:
+        """How many of ``n`` prefill tokens of ``seq`` to run in this step: the most that end
+        by the deadline of the decodes at least as important, but no fewer than what is left
+        of the step's ``min_prefill_tokens``."""
+        q = seq.req.priority
+        due = min((t for p, t in self.latest.items() if p <= q), default=math.inf)
+        room = due - self.ends
+        start = seq.num_computed
+        prefill_s = self.cost.prefill_s
+        if room == math.inf or prefill_s(start, start + n) <= room:
+            return n
+        lo, hi = 0, n  # prefill_s(start, start + lo) <= room < prefill_s(start, start + hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if prefill_s(start, start + mid) <= room:
+                lo = mid
+            else:
+                hi = mid
+        return max(lo, min(n, self.min_tokens - self.prefill_tokens))
+
+    def take(self, seq: _Seq, n: int) -> None:
+        start = seq.num_computed
+        self.ends += self.cost.prefill_s(start, start + n)
+        self.prefill_tokens += n

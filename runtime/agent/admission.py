@@ -41,6 +41,7 @@ from runtime.spec import SloClassSpec
 
 __all__ = [
     "LoadState",
+    "MeasuredStepCost",
     "PriorityResolution",
     "ShedDecision",
     "ThroughputEstimate",
@@ -116,6 +117,25 @@ class ThroughputEstimate:
         else:
             self.decode_step_s = _ewma(self.decode_step_s, seconds, self.alpha)
             self.decode_batch = _ewma(self.decode_batch, decode_tokens, self.alpha)
+
+
+@dataclass(frozen=True)
+class MeasuredStepCost:
+    """A :class:`ThroughputEstimate` read as the scheduler's ``StepCost``: a decode part of the
+    measured pure-decode step time, and prefill at the measured rate of steps that prefill
+    (interleaved decodes included, so it errs towards smaller chunks). Both are 0 until
+    measured, which leaves the token budget alone. ``estimate`` is the live object the engine
+    thread updates, read on that same thread when the scheduler plans a step.
+    """
+
+    estimate: ThroughputEstimate
+
+    def decode_s(self, num_decodes: int, context_tokens: int) -> float:
+        return self.estimate.decode_step_s or 0.0
+
+    def prefill_s(self, start: int, end: int) -> float:
+        rate = self.estimate.prefill_tokens_per_s
+        return (end - start) / rate if rate else 0.0
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:

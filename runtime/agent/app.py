@@ -1148,6 +1148,7 @@ async def _serve_here(
         priority=admitted.slo.priority,
         arrival=arrival,
         deadline=arrival + admitted.slo.ttft_ms / 1000.0,
+        tpot=admitted.slo.tpot_ms / 1000.0,
     )
     try:
         handle = admitted.backend.submit(generation, _on_done(state, admitted))

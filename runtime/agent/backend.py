@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from runtime.agent.admission import ThroughputEstimate, WorkItem
+from runtime.agent.admission import MeasuredStepCost, ThroughputEstimate, WorkItem
 from runtime.agent.config import EngineSettings, NodeConfig, UpstreamEngineSettings
 from runtime.engine.base import Engine, EngineCapacity, SamplingParams, StepInput, StepOutput
 
@@ -70,6 +70,7 @@ class GenerationRequest:
     priority: int
     arrival: float
     deadline: float | None = None
+    tpot: float | None = None  # seconds per output token, the class's objective
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,9 @@ class EngineCoreBackend:
                 max_num_seqs=s.max_num_seqs,
                 max_num_batched_tokens=s.max_num_batched_tokens,
                 clock=time.monotonic,
+                # Prefill beside decodes is cut to the decodes' TPOT objectives, timed by this
+                # backend's own measurements (updated and read on the engine thread).
+                step_cost=MeasuredStepCost(self._throughput) if s.tpot_budget else None,
             )
         except Exception as error:
             log.exception("model load failed")
@@ -665,6 +669,7 @@ class EngineCoreBackend:
                 request_id=request.request_id,
                 priority=request.priority,
                 deadline=request.deadline,
+                tpot=request.tpot,
             )
         except BaseException:
             with self._lock:

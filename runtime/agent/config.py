@@ -99,6 +99,12 @@ class EngineSettings(_Strict):
     )
     max_num_seqs: int = Field(default=32, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=256, ge=1)
+    tpot_budget: bool = Field(
+        default=True,
+        description="Cut the prefill scheduled beside running decodes so that each stream keeps "
+        "its class's tpot_ms (step time from this engine's measured speed); false: the token "
+        "budget alone decides.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=2, description="Longest prompt + output; default from the model."
     )

@@ -29,6 +29,7 @@ from runtime.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    StepCost,
 )
 
 __all__ = ["CompletionOutput", "EngineCore", "RequestOutput"]
@@ -96,6 +97,7 @@ class EngineCore:
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        step_cost: StepCost | None = None,
     ) -> None:
         engine.load()
         cap = engine.capacity
@@ -108,7 +110,7 @@ class EngineCore:
             ),
             max_model_len=cap.max_model_len,
         )
-        self.scheduler = Scheduler(self.config, engine.kv, clock)
+        self.scheduler = Scheduler(self.config, engine.kv, clock, step_cost=step_cost)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()
@@ -128,13 +130,15 @@ class EngineCore:
         request_id: str | None = None,
         priority: int = 1,
         deadline: float | None = None,
+        tpot: float | None = None,
         chat: bool = False,
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> str:
         """Queue a request and return its id.
 
         ``prompt`` is text (encoded raw, or rendered through the chat template with ``chat=True``)
-        or token ids. ``priority``/``deadline`` feed admission order (see the scheduler).
+        or token ids. ``priority``/``deadline`` feed admission order, ``tpot`` (seconds per output
+        token, the caller's objective) the prefill allowed beside its decodes (see the scheduler).
         ``on_output`` is called on the stepping thread with every increment.
         Raises ``ValueError`` for invalid input (naming the field).
         """
@@ -174,6 +178,7 @@ class EngineCore:
                     max_tokens=params.max_tokens,
                     priority=priority,
                     deadline=deadline,
+                    tpot=tpot,
                     stop_token_ids=frozenset() if params.ignore_eos else self._eos,
                     payload=params,
                     arrival_time=arrival,

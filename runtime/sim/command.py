@@ -110,6 +110,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="scheduler token budget per step (default 2048)",
     )
     model.add_argument(
+        "--no-tpot-budget",
+        dest="tpot_budget",
+        action="store_false",
+        help="schedule prefill by the token budget alone, not cut to the decodes' TPOT "
+        "objectives (the scheduler without a step cost)",
+    )
+    model.add_argument(
         "--no-bound", action="store_true", help="skip the lower bound (an integer program/minute)"
     )
     model.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
@@ -190,6 +197,7 @@ def simulate_main(args: argparse.Namespace) -> int:
         "spot_notice": args.spot_notice,
         "view_refresh": args.view_refresh,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "tpot_budget": args.tpot_budget,
         "bound": not args.no_bound,
     }
     if args.jobs > 1 and len(jobs) > 1:
@@ -255,6 +263,7 @@ def _run_one(job: tuple[dict[str, Any], str, str]) -> dict[str, Any]:
         seed=options["seed"],
         view_refresh_s=options["view_refresh"],
         max_num_batched_tokens=options["max_num_batched_tokens"],
+        tpot_budget=options["tpot_budget"],
         max_tokens=options["max_tokens"],
         spot_preemption_rate=options["spot_preemption_rate"],
         spot_preemptions=options["spot_preemptions"],

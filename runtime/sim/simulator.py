@@ -90,6 +90,8 @@ class SimSettings:
     spot_notice_s: float = 30.0
     max_attempts: int = 3
     macro_steps: bool = True
+    # Bound each step's prefill by the decodes' TPOT objectives (the scheduler's StepCost).
+    tpot_budget: bool = True
     perf: PerformanceModel = field(default_factory=PerformanceModel.default)
 
 
@@ -251,7 +253,12 @@ class _Server:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=self.speed.max_model_len,
         )
-        self.sched = scheduler.Scheduler(config, self.kv, clock)  # type: ignore[arg-type]
+        self.sched = scheduler.Scheduler(
+            config,
+            self.kv,
+            clock,  # type: ignore[arg-type]
+            step_cost=self.speed.step_cost() if settings.tpot_budget else None,
+        )
         self.throughput = admission.ThroughputEstimate()
         # The agent measures an upstream per request (it sees no steps), the embedded engine
         # per step; the simulator feeds the same estimate the way the pool's agent would.
@@ -575,6 +582,7 @@ class Simulator:
                     max_tokens=request.max_tokens,
                     priority=request.cls.priority,
                     deadline=request.arrival + request.cls.ttft_ms / 1000.0,
+                    tpot=request.cls.tpot_ms / 1000.0,
                     stop_token_ids=_STOP_IDS,
                     arrival_time=self.now,
                 )

@@ -25,7 +25,7 @@ from runtime.costmodel import PerformanceModel, ReplicaPerformance, fit, hardwar
 from runtime.scheduler import ScheduledSeq
 from runtime.spec import FleetSpec, PoolSpec
 
-__all__ = ["PoolSpeed", "pool_speed"]
+__all__ = ["PoolSpeed", "PoolStepCost", "pool_speed"]
 
 KV_BLOCK_TOKENS = 16  # the scheduler's block size in the simulator (vLLM's default)
 
@@ -69,11 +69,29 @@ class PoolSpeed:
         decode_time = self.replica.decode_step_s(decodes, context / decodes) if decodes else 0.0
         return decode_time + prefill_time, prefill_tokens, decodes
 
+    def step_cost(self) -> PoolStepCost:
+        """This speed as the scheduler's :class:`~runtime.scheduler.StepCost`."""
+        return PoolStepCost(self)
+
     def decode_run_s(self, batch: int, context_sum: int, steps: int) -> float:
         """Total time of ``steps`` pure-decode steps of ``batch`` sequences whose contexts sum to
         ``context_sum`` at the first one (each step adds one token to every context)."""
         mean = context_sum / batch + (steps - 1) / 2.0
         return steps * self.replica.decode_step_s(batch, mean)
+
+
+@dataclass(frozen=True)
+class PoolStepCost:
+    """A :class:`PoolSpeed` seen as :class:`runtime.scheduler.StepCost`: the same step time
+    :meth:`PoolSpeed.step_s` charges, split into its decode and prefill parts."""
+
+    speed: PoolSpeed
+
+    def decode_s(self, num_decodes: int, context_tokens: int) -> float:
+        return self.speed.replica.decode_step_s(num_decodes, context_tokens / num_decodes)
+
+    def prefill_s(self, start: int, end: int) -> float:
+        return self.speed.prefill_s(end) - self.speed.prefill_s(start)
 
 
 def pool_speed(

@@ -6,6 +6,7 @@ import pytest
 
 from runtime.agent.admission import (
     LoadState,
+    MeasuredStepCost,
     ThroughputEstimate,
     UnknownPriorityClassError,
     WorkItem,
@@ -83,6 +84,17 @@ def test_throughput_ewma() -> None:
     assert t.decode_step_s == pytest.approx(0.2)
     t.observe(prefill_tokens=0, decode_tokens=0, seconds=0.0)  # nothing happened: ignored
     assert (t.prefill_tokens_per_s, t.decode_step_s) == (150, pytest.approx(0.2))
+
+
+def test_measured_step_cost_reads_the_live_estimate() -> None:
+    t = ThroughputEstimate(alpha=1.0)
+    cost = MeasuredStepCost(t)
+    # Nothing measured: free, so the scheduler's token budget alone decides.
+    assert (cost.decode_s(4, 400), cost.prefill_s(0, 512)) == (0.0, 0.0)
+    t.observe(prefill_tokens=0, decode_tokens=4, seconds=0.02)
+    t.observe(prefill_tokens=500, decode_tokens=12, seconds=0.5)
+    assert cost.decode_s(4, 400) == pytest.approx(0.02)
+    assert cost.prefill_s(100, 356) == pytest.approx(256 / 1024)
 
 
 # --------------------------------------------------------------------------------------------

@@ -407,3 +407,155 @@ def test_important_long_prompt_does_not_starve_running_decodes() -> None:
         planned = {s.request_id: len(s.token_ids) for s in out.scheduled}
         assert planned["stream"] == 1
         assert planned.get("critical-long", 0) == 7
+
+
+# -- TPOT budget: prefill beside decodes cut to the decodes' time-per-output-token objectives --
+
+
+class LinearCost:
+    """A step costs ``decode`` seconds when anything decodes plus ``per_token`` per prompt token."""
+
+    def __init__(self, decode: float = 0.010, per_token: float = 0.001) -> None:
+        self.decode = decode
+        self.per_token = per_token
+
+    def decode_s(self, num_decodes: int, context_tokens: int) -> float:
+        return self.decode
+
+    def prefill_s(self, start: int, end: int) -> float:
+        return (end - start) * self.per_token
+
+
+def make_timed(
+    cost: LinearCost | None, max_num_batched_tokens: int = 256, min_prefill_tokens: int = 16
+) -> tuple[Scheduler, FakeClock]:
+    clock = FakeClock()
+    config = SchedulerConfig(
+        max_num_seqs=8,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=1024,
+        min_prefill_tokens=min_prefill_tokens,
+    )
+    return Scheduler(config, BlockKVCapacity(None, 16), clock, step_cost=cost), clock
+
+
+def timed_req(rid: str, prompt_len: int, max_tokens: int, priority: int = 1, tpot=None) -> Request:
+    return Request(rid, list(range(10, 10 + prompt_len)), max_tokens, priority=priority, tpot=tpot)
+
+
+def run_timed(sched: Scheduler, clock: FakeClock, cost: LinearCost) -> dict[str, list[float]]:
+    """Step to the end, the clock advancing by each step's cost; token times per request."""
+    times: dict[str, list[float]] = {}
+    while sched.has_unfinished():
+        out = sched.schedule()
+        decodes = [s for s in out.scheduled if len(s.token_ids) == 1 and s.num_generated > 0]
+        clock.now += (cost.decode if decodes else 0.0) + cost.per_token * sum(
+            len(s.token_ids) for s in out.scheduled if s not in decodes
+        )
+        sampled = {s.request_id: TOKEN for s in out.scheduled if s.sample}
+        for u in sched.update(out, sampled):
+            times.setdefault(u.request_id, []).extend([clock.now] * len(u.new_token_ids))
+    return times
+
+
+def mean_tpot(times: list[float]) -> float:
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+def test_tpot_budget_keeps_a_decoding_stream_within_its_objective() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    results = {}
+    for with_cost in (False, True):
+        sched, clock = make_timed(cost if with_cost else None)
+        sched.add_request(timed_req("stream", 8, 40, tpot=0.050))
+        _, _ = run_step(sched)  # its prompt; first token at t=0 (the clock is not advanced)
+        for i in range(4):  # long prompts arriving while it decodes
+            sched.add_request(timed_req(f"long{i}", 600, 2, tpot=0.050))
+        results[with_cost] = run_timed(sched, clock, cost)
+    stream_without = [0.0, *results[False]["stream"]]
+    stream_with = [0.0, *results[True]["stream"]]
+    # Token budget alone: 256-token chunks make 0.266 s steps beside the stream's decodes.
+    assert mean_tpot(stream_without) > 0.050
+    # With the step cost every token is on time: the k-th after the first by k x tpot.
+    assert all(t <= k * 0.050 + 1e-9 for k, t in enumerate(stream_with))
+    assert mean_tpot(stream_with) <= 0.050
+    # The long prompts still all finished, in the time the decodes left them.
+    assert all(len(results[True][f"long{i}"]) == 2 for i in range(4))
+
+
+def test_tpot_budget_chunk_is_what_fits_before_the_next_token_is_due() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    sched, clock = make_timed(cost)
+    sched.add_request(timed_req("stream", 8, 40, tpot=0.050))
+    run_step(sched)  # first token at t=0: the next is due at 0.050
+    clock.now = 0.005
+    sched.add_request(timed_req("long", 600, 2))
+    out = sched.schedule()
+    chunks = {s.request_id: len(s.token_ids) for s in out.scheduled}
+    # 0.005 + 0.010 decode + n x 0.001 <= 0.050  ->  n = 35
+    assert chunks == {"stream": 1, "long": 35}
+
+
+def test_tpot_budget_leaves_more_important_prompts_and_untimed_streams_alone() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    sched, _ = make_timed(cost)
+    sched.add_request(timed_req("batch-stream", 8, 40, priority=2, tpot=0.050))
+    sched.add_request(timed_req("untimed", 8, 40, priority=0))  # no objective
+    run_step(sched)
+    sched.add_request(timed_req("critical", 600, 2, priority=0))
+    out = sched.schedule()
+    # A less important stream's objective does not slow a critical prompt down.
+    assert {s.request_id: len(s.token_ids) for s in out.scheduled}["critical"] == 254
+
+
+def test_tpot_budget_ignores_a_stream_that_cannot_make_it_anymore() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    sched, clock = make_timed(cost)
+    sched.add_request(timed_req("late", 8, 3, tpot=0.050))
+    run_step(sched)  # first token at t=0; its 3 tokens need a mean gap <= 0.050: done by 0.100
+    # At 0.095 its last 2 tokens take 0.020 even decoding alone: it is lost, holds nothing back.
+    clock.now = 0.095
+    sched.add_request(timed_req("long", 600, 2))
+    out = sched.schedule()
+    assert {s.request_id: len(s.token_ids) for s in out.scheduled} == {"late": 1, "long": 255}
+
+
+def test_tpot_budget_still_gives_prompts_the_floor_when_no_time_is_left() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    sched, clock = make_timed(cost, min_prefill_tokens=16)
+    sched.add_request(timed_req("tight", 8, 100, tpot=0.050))
+    run_step(sched)
+    # Its next token was due at 0.050: late, but it can catch up, so no time is left for
+    # prefill; the waiting prompt still progresses by the floor.
+    clock.now = 0.095
+    sched.add_request(timed_req("long", 600, 2))
+    out = sched.schedule()
+    assert {s.request_id: len(s.token_ids) for s in out.scheduled} == {"tight": 1, "long": 16}
+
+
+def test_without_step_cost_the_objective_changes_nothing() -> None:
+    sched, clock = make_timed(None)
+    sched.add_request(timed_req("stream", 8, 40, tpot=0.001))
+    run_step(sched)
+    clock.now = 1.0
+    sched.add_request(timed_req("long", 600, 2))
+    out = sched.schedule()
+    assert {s.request_id: len(s.token_ids) for s in out.scheduled} == {"stream": 1, "long": 255}
+
+
+def test_with_step_cost_a_prompt_that_cannot_make_its_deadline_yields_to_one_that_can() -> None:
+    cost = LinearCost(decode=0.010, per_token=0.001)
+    for with_cost in (False, True):
+        sched, _ = make_timed(cost if with_cost else None)
+        # "hopeless" needs 0.6 s of prefill for a deadline 0.1 s away; "on-time" can make its.
+        sched.add_request(Request("hopeless", list(range(10, 610)), 2, priority=0, deadline=0.1))
+        sched.add_request(Request("on-time", list(range(10, 110)), 2, priority=0, deadline=2.0))
+        out = sched.schedule()
+        chunks = {s.request_id: len(s.token_ids) for s in out.scheduled}
+        if with_cost:
+            assert ids(out) == ["on-time", "hopeless"] and chunks == {
+                "on-time": 100,
+                "hopeless": 156,
+            }
+        else:  # token budget alone: deadline order, the hopeless one first
+            assert chunks == {"hopeless": 256}
