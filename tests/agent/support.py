@@ -19,8 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.agent.app import AGENT, AgentState, advertise
-from runtime.agent.config import hash_api_key
+from runtime.agent.app import AGENT, AgentState, advertise, init
+from runtime.agent.backend import EngineCoreBackend
+from runtime.agent.config import NodeConfig, hash_api_key
 
 MODEL = "smollm2-135m"
 KEYS = {
@@ -226,3 +227,33 @@ def body_of(error: Any) -> dict[str, Any]:
     body = error.body
     assert isinstance(body, dict), body
     return body
+
+
+def variant_agent(
+    node_id: str,
+    variant: str,
+    controller_url: str,
+    engine: Any,
+    *,
+    fleet_token_env: str,
+    push_interval_s: float,
+) -> LiveAgent:
+    """An agent of pool ``pool-<variant>`` serving ``variant`` of :data:`MODEL` on ``engine``,
+    pushing to ``controller_url``; its router knows pools ``pool-a`` and ``pool-b``, whose
+    variants ``a`` and ``b`` are both 'standard' (the rollout tests' two versions). Not yet
+    ready: call ``wait_ready``."""
+    data = node_config_data(
+        node_id=node_id,
+        pool=f"pool-{variant}",
+        variant=variant,
+        controller_url=controller_url,
+        fleet_token_env=fleet_token_env,
+        push_interval_s=push_interval_s,
+        routing={
+            "pools": ["pool-a", "pool-b"],
+            "variant_quality": {"a": "standard", "b": "standard"},
+        },
+    )
+    config = NodeConfig.model_validate(data)
+    backend = EngineCoreBackend(config.engine, engine_factory=lambda: engine)
+    return LiveAgent(init(config, backend=backend, environ={fleet_token_env: FLEET_TOKEN}))

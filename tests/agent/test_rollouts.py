@@ -17,12 +17,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from runtime.agent.app import init
-from runtime.agent.backend import EngineCoreBackend
-from runtime.agent.config import NodeConfig
 from runtime.protocol import MetricsPush, PeerInstance, PushReply, RolloutDirective
 
-from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, node_config_data
+from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, variant_agent
 
 FLEET_TOKEN_ENV = "FLEETFORM_TEST_FLEET_TOKEN"
 PUSH_INTERVAL_S = 0.2
@@ -94,22 +91,14 @@ def fleet(shared_engine: Any) -> Iterator[tuple[ScriptedController, LiveAgent, L
     controller = ScriptedController()
     agents = []
     for name, variant in (("node-a", "a"), ("node-b", "b")):
-        data = node_config_data(
-            node_id=name,
-            pool=f"pool-{variant}",
-            variant=variant,
-            controller_url=controller.live.url,
+        agent = variant_agent(
+            name,
+            variant,
+            controller.live.url,
+            shared_engine,
             fleet_token_env=FLEET_TOKEN_ENV,
             push_interval_s=PUSH_INTERVAL_S,
-            routing={
-                "pools": ["pool-a", "pool-b"],
-                "variant_quality": {"a": "standard", "b": "standard"},
-            },
         )
-        config = NodeConfig.model_validate(data)
-        backend = EngineCoreBackend(config.engine, engine_factory=lambda: shared_engine)
-        app = init(config, backend=backend, environ={FLEET_TOKEN_ENV: FLEET_TOKEN})
-        agent = LiveAgent(app)
         agent.wait_ready()
         agents.append(agent)
     a, b = agents

@@ -23,9 +23,7 @@ from multidict import CIMultiDict
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.agent.app import MAX_SHADOW_IN_FLIGHT, init
-from runtime.agent.backend import EngineCoreBackend
-from runtime.agent.config import NodeConfig
+from runtime.agent.app import MAX_SHADOW_IN_FLIGHT
 from runtime.agent.forward import (
     FLEET_TOKEN_HEADER,
     SHADOW_HEADER,
@@ -33,7 +31,7 @@ from runtime.agent.forward import (
 )
 from runtime.protocol import MetricsPush, PeerInstance, PushReply, RolloutDirective
 
-from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, node_config_data
+from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, variant_agent
 
 FLEET_TOKEN_ENV = "FLEETFORM_TEST_FLEET_TOKEN"
 PUSH_INTERVAL_S = 0.2
@@ -177,22 +175,14 @@ class ShadowFleet:
 def fleet(shared_engine: Any) -> Iterator[ShadowFleet]:
     peer = HoldingPeer()
     controller = Controller(peer.live.url)
-    data = node_config_data(
-        node_id="node-a",
-        pool="pool-a",
-        variant="a",
-        controller_url=controller.live.url,
+    agent = variant_agent(
+        "node-a",
+        "a",
+        controller.live.url,
+        shared_engine,
         fleet_token_env=FLEET_TOKEN_ENV,
         push_interval_s=PUSH_INTERVAL_S,
-        routing={
-            "pools": ["pool-a", "pool-b"],
-            "variant_quality": {"a": "standard", "b": "standard"},
-        },
     )
-    config = NodeConfig.model_validate(data)
-    backend = EngineCoreBackend(config.engine, engine_factory=lambda: shared_engine)
-    app = init(config, backend=backend, environ={FLEET_TOKEN_ENV: FLEET_TOKEN})
-    agent = LiveAgent(app)
     shadow_fleet = ShadowFleet(controller, peer, agent)
     try:
         agent.wait_ready()
