@@ -45,7 +45,8 @@ MIB = 1 << 20
 
 
 def placement_spec() -> FleetSpec:
-    data = spec_data()
+    # Peers stay in the view through the push delays of a busy machine (four engines here).
+    data = spec_data(stale_after_s=15.0)
     alt = copy.deepcopy(data["models"][0])
     alt["name"] = ALT
     data["models"].append(alt)
@@ -133,7 +134,7 @@ def test_a_queue_loads_the_model_on_another_node_and_idle_copies_are_unloaded(
         for thread in threads:
             thread.start()
         wait_until(lambda: alt_state(dear) == "ready", 90, "the controller loading alt on dear")
-        wait_until(lambda: "dear-agent" in list(served_by), 60, "alt requests served by dear")
+        wait_until(lambda: "dear-agent" in list(served_by), 90, "alt requests served by dear")
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
