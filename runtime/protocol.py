@@ -35,7 +35,7 @@ controllers of either age keep talking to each other:
   output, carried like usage (fixed in a push at its first build, retried with it, counted once).
 
 Conversions to the pure policies' dataclasses (:class:`runtime.routing.InstanceView`,
-:class:`runtime.leases.Lease`, :class:`runtime.leases.Usage`) live here too, so neither service
+:class:`runtime.leases.Lease`, :class:`runtime.leases.Usage`, :class:`runtime.placement.NodeState`) live here too, so neither service
 re-describes them.
 """
 
@@ -47,6 +47,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, model_validator
 
 from runtime.leases import Lease, Usage
+from runtime.placement import HeldModel, NodeState
 from runtime.rollout import ShadowComparison
 from runtime.routing import InstanceView
 
@@ -137,6 +138,19 @@ class LoadedModel(ServingLoad):
     )
     primary: bool = Field(False, description="The node's primary model (never unloaded).")
 
+    def to_held(self) -> HeldModel:
+        return HeldModel(
+            name=self.name,
+            variant=self.variant,
+            state=self.state,
+            memory_bytes=self.memory_bytes,
+            in_flight=self.in_flight,
+            waiting=self.waiting,
+            queued=self.queued,
+            idle_s=self.idle_s,
+            primary=self.primary,
+        )
+
 
 class InstanceSnapshot(ServingLoad):
     """What an agent reports about itself; the fields :class:`InstanceView` routes on."""
@@ -167,6 +181,30 @@ class InstanceSnapshot(ServingLoad):
         # Excluding last_seen lets a PeerInstance (which carries its own) convert the same way.
         fields = self.model_dump(exclude={"last_seen", "served", "models", "memory_budget_bytes"})
         return InstanceView(**fields, last_seen=last_seen, failed_at=failed_at)
+
+    def to_node_state(self) -> NodeState:
+        """What the placer knows of this node; a single-model node is its primary model alone."""
+        if self.models:
+            models = tuple(held.to_held() for held in self.models)
+        else:
+            models = (
+                HeldModel(
+                    name=self.model,
+                    variant=self.variant,
+                    state="ready" if self.healthy else "loading",
+                    in_flight=self.running + self.queued,
+                    queued=self.queued,
+                    primary=True,
+                ),
+            )
+        return NodeState(
+            node_id=self.instance_id,
+            pool=self.pool,
+            healthy=self.healthy,
+            price_usd_per_hour=self.price_usd_per_hour,
+            memory_budget_bytes=self.memory_budget_bytes,
+            models=models,
+        )
 
     def to_views(self, last_seen: float, failed_at: float | None = None) -> list[InstanceView]:
         """One view per model the node can serve now: the primary, then each further model

@@ -441,9 +441,7 @@ class Scheduler:
         timing: _StepTiming | None = None
         for i, seq in enumerate(decodes + prefills):
             if i == len(decodes) and self.step_cost is not None:
-                timing = self._step_timing(
-                    [s for s in decodes if planned.get(s.req.request_id) == 1]
-                )
+                timing = self._step_timing(decodes, planned)
             if seq.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if budget <= 0:
@@ -464,7 +462,7 @@ class Scheduler:
                 if timing is not None and i >= len(decodes):
                     timing.take(seq, n)
         if timing is None and self.step_cost is not None:
-            timing = self._step_timing([s for s in decodes if planned.get(s.req.request_id) == 1])
+            timing = self._step_timing(decodes, planned)
 
         # 2) Admit waiting requests in (priority, deadline, arrival) order. If running sequences
         # had to be preempted the pool is full, so admitting more would only thrash (as in vLLM).
@@ -574,8 +572,10 @@ class Scheduler:
         seq.key = (seq.key[0], math.inf, *seq.key[2:])
         return True
 
-    def _step_timing(self, decodes: list[_Seq]) -> _StepTiming:
-        """The time this step's prefill may take beside ``decodes`` (see the module docstring)."""
+    def _step_timing(self, running: list[_Seq], planned: Mapping[str, int]) -> _StepTiming:
+        """The time this step's prefill may take beside the decodes of ``running`` that
+        ``planned`` schedules (see the module docstring)."""
+        decodes = [seq for seq in running if planned.get(seq.req.request_id) == 1]
         cost = self.step_cost
         assert cost is not None
         now = self.clock()

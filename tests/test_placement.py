@@ -14,7 +14,7 @@ import pytest
 from runtime.agent.config import node_config_from_spec
 from runtime.agent.fleet import routing_policy
 from runtime.autoscale import Autoscaler, FleetSignals, ModelSignals, PoolSignals
-from runtime.controller.placement import PlacementLoop, node_state
+from runtime.controller.placement import PlacementLoop
 from runtime.placement import HeldModel, NodeState, PlacementSettings, Placer
 from runtime.protocol import InstanceSnapshot, LoadedModel, PushReply
 from runtime.routing import FleetView, RouteRequest, RoutingPolicy, route
@@ -292,10 +292,10 @@ def test_the_controller_reads_node_states_and_hands_each_order_over_once() -> No
             LoadedModel(name="b", variant="q", state="unloaded", memory_bytes=GIB // 2),
         ],
     )
-    state = node_state(hot)
+    state = hot.to_node_state()
     assert state.held("b") == HeldModel("b", "q", "ready", GIB // 2, queued=9)
     assert state.free_bytes == GIB
-    single = node_state(snapshot(models=[], running=2))
+    single = snapshot(models=[], running=2).to_node_state()
     assert single.models == (HeldModel("a", "q", "ready", in_flight=4, queued=2, primary=True),)
 
     @dataclasses.dataclass

@@ -3,9 +3,9 @@
 The decisions are :class:`runtime.placement.Placer`'s; this module carries them out. A
 :class:`PlacementLoop`
 
-* builds each fresh agent's :class:`runtime.placement.NodeState` from its last push (the
-  models it may hold, their state, memory, queues and idle time; a single-model node is its
-  primary model alone);
+* reads each fresh agent's :class:`runtime.placement.NodeState` from its last push
+  (:meth:`runtime.protocol.InstanceSnapshot.to_node_state`: the models it may hold, their
+  state, memory, queues and idle time);
 * every period (:meth:`PlacementLoop.step`, run by the controller before the autoscaler, which
   reads :meth:`PlacementLoop.relieving`) asks the placer for a plan and queues each action as a
   :class:`runtime.protocol.PlacementOrder` for its agent;
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.controller.statefile import write_json_atomically
-from runtime.placement import HeldModel, NodeState, PlacementPlan, PlacementSettings, Placer
+from runtime.placement import PlacementPlan, PlacementSettings, Placer
 from runtime.protocol import InstanceSnapshot, PlacementOrder
 from runtime.spec import FleetSpec
 
-__all__ = ["PlacementLoop", "node_state"]
+__all__ = ["PlacementLoop"]
 
 log = logging.getLogger("fleetform.controller.placement")
 
@@ -42,44 +42,6 @@ RECENT_PLANS = 50
 class AgentLike(Protocol):
     @property
     def instance(self) -> InstanceSnapshot: ...
-
-
-def node_state(instance: InstanceSnapshot) -> NodeState:
-    """What the placer knows of one node, from its last push."""
-    if instance.models:
-        models = tuple(
-            HeldModel(
-                name=held.name,
-                variant=held.variant,
-                state=held.state,
-                memory_bytes=held.memory_bytes,
-                in_flight=held.in_flight,
-                waiting=held.waiting,
-                queued=held.queued,
-                idle_s=held.idle_s,
-                primary=held.primary,
-            )
-            for held in instance.models
-        )
-    else:
-        models = (
-            HeldModel(
-                name=instance.model,
-                variant=instance.variant,
-                state="ready" if instance.healthy else "loading",
-                in_flight=instance.running + instance.queued,
-                queued=instance.queued,
-                primary=True,
-            ),
-        )
-    return NodeState(
-        node_id=instance.instance_id,
-        pool=instance.pool,
-        healthy=instance.healthy,
-        price_usd_per_hour=instance.price_usd_per_hour,
-        memory_budget_bytes=instance.memory_budget_bytes,
-        models=models,
-    )
 
 
 @dataclass
@@ -100,7 +62,7 @@ class PlacementLoop:
 
     def step(self, now: float, agents: Iterable[AgentLike]) -> PlacementPlan:
         """Plan this period over the fresh agents and queue the orders."""
-        plan = self.placer.plan([node_state(agent.instance) for agent in agents], now)
+        plan = self.placer.plan([agent.instance.to_node_state() for agent in agents], now)
         self.latest = plan
         for action in plan.actions:
             order = PlacementOrder(action=action.kind, model=action.model, reason=action.reason)

@@ -22,6 +22,13 @@ from aiohttp import web
 from runtime.agent.app import AGENT, AgentState, advertise, init
 from runtime.agent.backend import EngineCoreBackend
 from runtime.agent.config import NodeConfig, hash_api_key
+from runtime.protocol import (
+    InstanceSnapshot,
+    MetricsPush,
+    PeerInstance,
+    PushReply,
+    RolloutDirective,
+)
 
 MODEL = "smollm2-135m"
 KEYS = {
@@ -257,3 +264,48 @@ def variant_agent(
     config = NodeConfig.model_validate(data)
     backend = EngineCoreBackend(config.engine, engine_factory=lambda: engine)
     return LiveAgent(init(config, backend=backend, environ={fleet_token_env: FLEET_TOKEN}))
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(poll_s)
+
+
+class ScriptedController:
+    """A controller that answers pushes with every agent's latest snapshot (plus
+    :meth:`extra_peers`) as the fleet view and ``rollouts`` as the directives, and keeps the
+    pushes."""
+
+    def __init__(self) -> None:
+        self.pushes: list[MetricsPush] = []
+        self.rollouts: dict[str, RolloutDirective] = {}
+        app = web.Application()
+        app.router.add_post("/v1/push", self.push)
+        self.live = LiveApp(app)
+
+    def extra_peers(self, latest: dict[str, InstanceSnapshot]) -> list[InstanceSnapshot]:
+        """Instances to add to the view besides the agents that pushed (none here)."""
+        return []
+
+    async def push(self, request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == f"Bearer {FLEET_TOKEN}"
+        body = MetricsPush.model_validate_json(await request.read())
+        self.pushes.append(body)
+        now = time.time()
+        latest = {p.agent_id: p.instance for p in self.pushes}
+        peers = [*latest.values(), *self.extra_peers(latest)]
+        reply = PushReply(
+            accepted=True,
+            server_time=now,
+            fleet=[PeerInstance(**s.model_dump(), last_seen=now) for s in peers],
+            rollouts=self.rollouts,
+        )
+        return web.json_response(text=reply.model_dump_json())
+
+    def shadow_reports(self) -> list[Any]:
+        return [report for push in self.pushes for report in push.shadow]

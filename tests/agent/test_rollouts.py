@@ -11,48 +11,23 @@ for the shadow copies to be reported) because the two agents share one engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from runtime.protocol import MetricsPush, PeerInstance, PushReply, RolloutDirective
+from runtime.protocol import RolloutDirective
 
-from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, variant_agent
+from . import support
+from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, variant_agent, wait_until
 
 FLEET_TOKEN_ENV = "FLEETFORM_TEST_FLEET_TOKEN"
 PUSH_INTERVAL_S = 0.2
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow, briefly."}]
 
 
-class ScriptedController:
-    """A controller that answers pushes with every agent's latest snapshot as the fleet view
-    and ``rollouts`` as the directives, and keeps the pushes."""
-
-    def __init__(self) -> None:
-        self.pushes: list[MetricsPush] = []
-        self.rollouts: dict[str, RolloutDirective] = {}
-        app = web.Application()
-        app.router.add_post("/v1/push", self.push)
-        self.live = LiveApp(app)
-
-    async def push(self, request: web.Request) -> web.Response:
-        assert request.headers["Authorization"] == f"Bearer {FLEET_TOKEN}"
-        body = MetricsPush.model_validate_json(await request.read())
-        self.pushes.append(body)
-        now = time.time()
-        latest = {p.agent_id: p.instance for p in self.pushes}
-        reply = PushReply(
-            accepted=True,
-            server_time=now,
-            fleet=[PeerInstance(**s.model_dump(), last_seen=now) for s in latest.values()],
-            rollouts=self.rollouts,
-        )
-        return web.json_response(text=reply.model_dump_json())
-
-    def shadow_reports(self) -> list[Any]:
-        return [report for push in self.pushes for report in push.shadow]
+class ScriptedController(support.ScriptedController):
+    """The support controller, with the per-agent figures these tests read."""
 
     def versions(self, agent_id: str) -> dict[str, Any]:
         """The latest per-variant counters an agent pushed."""
@@ -76,14 +51,6 @@ def directive(strategy: str, split: dict[str, float], shadow: float = 0.0) -> Ro
         split=split,
         shadow_fraction=shadow,
     )
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

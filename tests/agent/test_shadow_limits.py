@@ -12,8 +12,9 @@ shutdown test stops it and both tests read absolute counters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,20 @@ from runtime.agent.forward import (
     SHADOW_HEADER,
     VERSION_HEADER,
 )
-from runtime.protocol import MetricsPush, PeerInstance, PushReply, RolloutDirective
+from runtime.protocol import InstanceSnapshot, RolloutDirective
 
-from .support import FLEET_TOKEN, KEYS, MODEL, LiveAgent, LiveApp, variant_agent
+from .support import (
+    FLEET_TOKEN,
+    KEYS,
+    MODEL,
+    LiveAgent,
+    LiveApp,
+    ScriptedController,
+    variant_agent,
+)
+from .support import wait_until as _wait_until
+
+wait_until = functools.partial(_wait_until, poll_s=0.01)
 
 FLEET_TOKEN_ENV = "FLEETFORM_TEST_FLEET_TOKEN"
 PUSH_INTERVAL_S = 0.2
@@ -47,14 +59,6 @@ SHADOW = RolloutDirective(
 )
 # A shutdown that waited for the held copies would take the forward read timeout (120 s).
 SHUTDOWN_BOUND_S = 3.0
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class HoldingPeer:
@@ -106,23 +110,16 @@ class HoldingPeer:
         self.live.on_loop(self._released.set)
 
 
-class Controller:
-    """Answers pushes with the shadow rollout and a fleet of the pushing agents plus ``node-b``
-    (the :class:`HoldingPeer`, shown with node-a's last load, healthy); keeps every push."""
+class Controller(ScriptedController):
+    """Publishes the shadow rollout and a fleet of the pushing agents plus ``node-b`` (the
+    :class:`HoldingPeer`, shown with node-a's last load, healthy); keeps every push."""
 
     def __init__(self, candidate_url: str) -> None:
+        super().__init__()
         self.candidate_url = candidate_url
-        self.pushes: list[MetricsPush] = []
-        app = web.Application()
-        app.router.add_post("/v1/push", self.push)
-        self.live = LiveApp(app)
+        self.rollouts = {MODEL: SHADOW}
 
-    async def push(self, request: web.Request) -> web.Response:
-        assert request.headers["Authorization"] == f"Bearer {FLEET_TOKEN}"
-        body = MetricsPush.model_validate_json(await request.read())
-        self.pushes.append(body)
-        now = time.time()
-        latest = {p.agent_id: p.instance for p in self.pushes}
+    def extra_peers(self, latest: dict[str, InstanceSnapshot]) -> list[InstanceSnapshot]:
         candidate = latest["node-a"].model_copy(
             update={
                 "instance_id": "node-b",
@@ -132,13 +129,7 @@ class Controller:
                 "healthy": True,
             }
         )
-        fleet = [PeerInstance(**s.model_dump(), last_seen=now) for s in latest.values()]
-        fleet.append(PeerInstance(**candidate.model_dump(), last_seen=now))
-        reply = PushReply(accepted=True, server_time=now, fleet=fleet, rollouts={MODEL: SHADOW})
-        return web.json_response(text=reply.model_dump_json())
-
-    def shadow_reports(self) -> list[Any]:
-        return [report for push in self.pushes for report in push.shadow]
+        return [candidate]
 
 
 @dataclass

@@ -15,16 +15,16 @@ from the cheap pool to the dear one.
 from __future__ import annotations
 
 import copy
+import functools
 import http.client
 import json
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from agent.support import LiveAgent, LiveApp
+from agent.support import wait_until as _wait_until
 
 from runtime.agent.app import init as agent_app
 from runtime.agent.backend import EngineCoreBackend
@@ -197,12 +197,7 @@ def start_agent(
 # Helpers
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.05)
+wait_until = functools.partial(_wait_until, poll_s=0.05)
 
 
 def admin(token: str = ADMIN_TOKEN) -> dict[str, str]:
