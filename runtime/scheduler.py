@@ -7,7 +7,10 @@ mirrors the shape of vLLM's v1 scheduler (``vllm/v1/core/sched``) at a fraction 
   the next prefill chunk), then waiting requests are admitted in order of ``(priority, deadline,
   arrival)`` while the token budget (``max_num_batched_tokens``), the batch size (``max_num_seqs``)
   and KV capacity allow. Prompts longer than the remaining budget are chunked, so a long prompt
-  shares steps with running decodes instead of stalling them.
+  shares steps with running decodes instead of stalling them. A running prompt less important
+  than the most important waiting request gets its next chunk only after admission, so an
+  important prompt waits for the step in progress, not for the rest of a long one that started
+  first (the deferred prompt keeps its KV and its place).
 * With a :class:`StepCost` (an estimate of how long a step takes), the prefill admitted into a
   step is also bounded by time: every decoding sequence with a ``tpot`` objective has a
   deadline for its next token (its first token's time plus ``tpot`` per token since, i.e. the
@@ -434,35 +437,41 @@ class Scheduler:
             out.released.append(victim.req.request_id)
             out.preempted.append(victim.req.request_id)
 
-        # 1) Running sequences, most important first; decodes (one token each) before prefill
-        # chunks, so a long prompt — even an important one — cannot starve running streams.
-        decodes = [s for s in self._running if s.num_tokens - s.num_computed == 1]
-        prefills = [s for s in self._running if s.num_tokens - s.num_computed > 1]
-        timing: _StepTiming | None = None
-        for i, seq in enumerate(decodes + prefills):
-            if i == len(decodes) and self.step_cost is not None:
-                timing = self._step_timing(decodes, planned)
-            if seq.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            if budget <= 0:
-                break
+        def continue_running(seq: _Seq, timing: _StepTiming | None) -> None:
+            """Plan ``seq``'s next token(s); ``timing`` is given for prefill chunks."""
+            nonlocal budget
+            if seq.status is not RequestStatus.RUNNING or budget <= 0:
+                return  # preempted earlier in this step, or no budget left
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if timing is not None and i >= len(decodes):
+            if timing is not None:
                 n = timing.chunk(seq, n)
                 if n == 0:
-                    continue
+                    return
             while not self.kv.reserve(seq.req.request_id, seq.num_computed + n):
                 victim = self._running[-1]  # list is sorted: last = least important
                 preempt(victim)
                 if victim is seq:
-                    break
-            else:
-                planned[seq.req.request_id] = n
-                budget -= n
-                if timing is not None and i >= len(decodes):
-                    timing.take(seq, n)
-        if timing is None and self.step_cost is not None:
-            timing = self._step_timing(decodes, planned)
+                    return
+            planned[seq.req.request_id] = n
+            budget -= n
+            if timing is not None:
+                timing.take(seq, n)
+
+        # 1) Running sequences, most important first; decodes (one token each) before prefill
+        # chunks, so a long prompt — even an important one — cannot starve running streams.
+        # Prefill chunks of a priority below the most important waiting request's are deferred
+        # until after admission: a critical prompt must not wait behind the rest of a batch
+        # prompt that happened to start first (it waits for at most the step in progress).
+        decodes = [s for s in self._running if s.num_tokens - s.num_computed == 1]
+        prefills = [s for s in self._running if s.num_tokens - s.num_computed > 1]
+        first_waiting = self._first_waiting_priority()
+        deferred = [s for s in prefills if s.req.priority > first_waiting]
+        for seq in decodes:
+            continue_running(seq, None)
+        timing = self._step_timing(decodes, planned) if self.step_cost is not None else None
+        for seq in prefills:
+            if seq.req.priority <= first_waiting:
+                continue_running(seq, timing)
 
         # 2) Admit waiting requests in (priority, deadline, arrival) order. If running sequences
         # had to be preempted the pool is full, so admitting more would only thrash (as in vLLM).
@@ -499,6 +508,8 @@ class Scheduler:
             budget -= n
             if timing is not None:
                 timing.take(seq, n)
+        for seq in deferred:
+            continue_running(seq, timing)
 
         for request_id, n in planned.items():
             seq = self._seqs[request_id]
@@ -558,6 +569,12 @@ class Scheduler:
         return self._update(seq, [], reason)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _first_waiting_priority(self) -> float:
+        """The priority of the most important request waiting to be admitted (``inf``: none)."""
+        while self._waiting and self._waiting[0][1].status is not RequestStatus.WAITING:
+            heapq.heappop(self._waiting)  # aborted or finished (lazy deletion)
+        return self._waiting[0][1].req.priority if self._waiting else math.inf
 
     def _missed_deadline(self, seq: _Seq) -> bool:
         """Whether ``seq``, waiting for its first token, can no longer have it by its deadline

@@ -409,6 +409,40 @@ def test_important_long_prompt_does_not_starve_running_decodes() -> None:
         assert planned.get("critical-long", 0) == 7
 
 
+def test_waiting_important_prompt_takes_the_prefill_budget_from_a_less_important_one() -> None:
+    sched, _, _ = make(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
+    sched.add_request(req("batch-long", prompt_len=100, max_tokens=2, priority=2))
+    out, _ = run_step(sched)
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("batch-long", 16)]
+    sched.add_request(req("critical", prompt_len=24, max_tokens=2, priority=0))
+    out, _ = run_step(sched)
+    # The critical prompt is admitted ahead of the rest of the batch prompt, which keeps its
+    # place (and its KV) and gets what the critical one leaves of the budget.
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("critical", 16)]
+    out, _ = run_step(sched)
+    assert [(s.request_id, len(s.token_ids), s.sample) for s in out.scheduled] == [
+        ("critical", 8, True),
+        ("batch-long", 8, False),
+    ]
+    assert sched.status("batch-long") is RequestStatus.RUNNING
+    assert sched.num_preemptions == 0
+
+
+def test_running_prompt_keeps_the_budget_against_one_no_more_important() -> None:
+    sched, _, _ = make(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
+    sched.add_request(req("first", prompt_len=40, max_tokens=2, priority=1))
+    run_step(sched)
+    sched.add_request(req("same", prompt_len=24, max_tokens=2, priority=1))
+    sched.add_request(req("less", prompt_len=24, max_tokens=2, priority=2))
+    out, _ = run_step(sched)
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("first", 16)]
+    out, _ = run_step(sched)
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [
+        ("first", 8),
+        ("same", 8),
+    ]
+
+
 # -- TPOT budget: prefill beside decodes cut to the decodes' time-per-output-token objectives --
 
 
