@@ -80,6 +80,11 @@ def ids(out: SchedulerOutput) -> list[str]:
     return [s.request_id for s in out.scheduled]
 
 
+def chunks(out: SchedulerOutput) -> list[tuple[str, int]]:
+    """What the step runs: (request id, tokens) in scheduling order."""
+    return [(s.request_id, len(s.token_ids)) for s in out.scheduled]
+
+
 def test_admission_order_priority_then_deadline_then_arrival() -> None:
     sched, _, clock = make(max_num_seqs=1)
     clock.now = 1.0
@@ -410,15 +415,15 @@ def test_important_long_prompt_does_not_starve_running_decodes() -> None:
 
 
 def test_waiting_important_prompt_takes_the_prefill_budget_from_a_less_important_one() -> None:
-    sched, _, _ = make(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
+    sched, _, _ = make(max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
     sched.add_request(req("batch-long", prompt_len=100, max_tokens=2, priority=2))
     out, _ = run_step(sched)
-    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("batch-long", 16)]
+    assert chunks(out) == [("batch-long", 16)]
     sched.add_request(req("critical", prompt_len=24, max_tokens=2, priority=0))
     out, _ = run_step(sched)
     # The critical prompt is admitted ahead of the rest of the batch prompt, which keeps its
     # place (and its KV) and gets what the critical one leaves of the budget.
-    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("critical", 16)]
+    assert chunks(out) == [("critical", 16)]
     out, _ = run_step(sched)
     assert [(s.request_id, len(s.token_ids), s.sample) for s in out.scheduled] == [
         ("critical", 8, True),
@@ -429,15 +434,15 @@ def test_waiting_important_prompt_takes_the_prefill_budget_from_a_less_important
 
 
 def test_running_prompt_keeps_the_budget_against_one_no_more_important() -> None:
-    sched, _, _ = make(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
+    sched, _, _ = make(max_num_batched_tokens=16, max_model_len=512, num_blocks=200)
     sched.add_request(req("first", prompt_len=40, max_tokens=2, priority=1))
     run_step(sched)
     sched.add_request(req("same", prompt_len=24, max_tokens=2, priority=1))
     sched.add_request(req("less", prompt_len=24, max_tokens=2, priority=2))
     out, _ = run_step(sched)
-    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("first", 16)]
+    assert chunks(out) == [("first", 16)]
     out, _ = run_step(sched)
-    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [
+    assert chunks(out) == [
         ("first", 8),
         ("same", 8),
     ]
