@@ -42,7 +42,6 @@ __all__ = [
     "NodeState",
     "PlacementAction",
     "PlacementPlan",
-    "PlacementSettings",
     "Placer",
 ]
 
@@ -108,23 +107,6 @@ class NodeState:
 
 
 @dataclass(frozen=True, slots=True)
-class PlacementSettings:
-    enabled: bool = True
-    queue_per_copy: float = 4.0
-    idle_unload_s: float = 300.0
-    load_cooldown_s: float = 30.0
-
-    @classmethod
-    def from_spec(cls, spec: PlacementSpec) -> PlacementSettings:
-        return cls(
-            enabled=spec.enabled,
-            queue_per_copy=spec.queue_per_copy,
-            idle_unload_s=spec.idle_unload_s,
-            load_cooldown_s=spec.load_cooldown_s,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class PlacementAction:
     """Load or unload ``model`` on ``node_id``, and why."""
 
@@ -186,7 +168,7 @@ class PlacementPlan:
 class Placer:
     """Plans placement each period; remembers when it last asked for a load of each model."""
 
-    settings: PlacementSettings = field(default_factory=PlacementSettings)
+    settings: PlacementSpec = field(default_factory=PlacementSpec)
     last_load_at: dict[str, float] = field(default_factory=dict)
 
     def plan(self, nodes: Sequence[NodeState], now: float) -> PlacementPlan:

@@ -15,10 +15,10 @@ from runtime.agent.config import node_config_from_spec
 from runtime.agent.fleet import routing_policy
 from runtime.autoscale import Autoscaler, FleetSignals, ModelSignals, PoolSignals
 from runtime.controller.placement import PlacementLoop
-from runtime.placement import HeldModel, NodeState, PlacementSettings, Placer
+from runtime.placement import HeldModel, NodeState, Placer
 from runtime.protocol import InstanceSnapshot, LoadedModel, PushReply
 from runtime.routing import FleetView, RouteRequest, RoutingPolicy, route
-from runtime.spec import FleetSpec, Quality
+from runtime.spec import FleetSpec, PlacementSpec, Quality
 
 GIB = 1 << 30
 
@@ -48,7 +48,7 @@ def other(state: str = "unloaded", name: str = "b", **kw: object) -> HeldModel:
     return HeldModel(name, "q8", state, memory_bytes=GIB, **kw)  # type: ignore[arg-type]
 
 
-SETTINGS = PlacementSettings(queue_per_copy=4, idle_unload_s=60, load_cooldown_s=30)
+SETTINGS = PlacementSpec(queue_per_copy=4, idle_unload_s=60, load_cooldown_s=30)
 
 
 def test_a_growing_queue_loads_one_more_copy_on_the_node_with_room_and_relieves_the_model() -> None:
@@ -141,7 +141,7 @@ def test_unhealthy_nodes_are_ignored_and_disabled_placement_does_nothing() -> No
     ]
     assert Placer(SETTINGS).plan(nodes, now=0.0).actions == ()
     nodes[1] = dataclasses.replace(nodes[1], healthy=True)
-    off = Placer(dataclasses.replace(SETTINGS, enabled=False))
+    off = Placer(SETTINGS.model_copy(update={"enabled": False}))
     assert off.plan(nodes, now=0.0).actions == ()
     assert len(Placer(SETTINGS).plan(nodes, now=0.0).actions) == 1
 

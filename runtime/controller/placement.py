@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.controller.statefile import write_json_atomically
-from runtime.placement import PlacementPlan, PlacementSettings, Placer
+from runtime.placement import PlacementPlan, Placer
 from runtime.protocol import InstanceSnapshot, PlacementOrder
 from runtime.spec import FleetSpec
 
@@ -57,7 +57,7 @@ class PlacementLoop:
     _last_notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.placer = Placer(PlacementSettings.from_spec(self.spec.autoscaling.placement))
+        self.placer = Placer(self.spec.autoscaling.placement)
         self._load()
 
     def step(self, now: float, agents: Iterable[AgentLike]) -> PlacementPlan:
@@ -96,11 +96,7 @@ class PlacementLoop:
     def status(self) -> dict[str, Any]:
         return {
             "enabled": self.placer.settings.enabled,
-            "settings": {
-                "queue_per_copy": self.placer.settings.queue_per_copy,
-                "idle_unload_s": self.placer.settings.idle_unload_s,
-                "load_cooldown_s": self.placer.settings.load_cooldown_s,
-            },
+            "settings": self.placer.settings.model_dump(exclude={"enabled"}),
             "latest": self.latest.to_json() if self.latest is not None else None,
             "undelivered": {
                 agent: [o.model_dump() for o in orders] for agent, orders in self.pending.items()
